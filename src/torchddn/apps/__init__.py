@@ -1,0 +1,1 @@
+"""The paper's experiments as ``torchddn`` subcommands. Apps use only torchddn's public API."""

@@ -1,0 +1,372 @@
+"""Implicit differentiation of declarative nodes (Gould, Hartley & Campbell, Props. 4.4-4.6).
+
+The optimality conditions, the linear solve and the vector-Jacobian product are kept apart:
+
+* :class:`BoundProblem` evaluates the node's objective ``f``, stacked constraints ``c = [h; g]`` and Lagrangian
+  ``L = f - nu^T c`` on a flat, batched ``y`` of shape ``(b, m)`` for given input tensors.
+* :func:`constraint_state` finds the active set (scale-aware), recovers multipliers by least squares when the
+  solver gave none, and flags non-regular points.
+* :class:`ImplicitSolve` solves the symmetric KKT system ``K [u; w] = [v; 0]`` with
+
+  ``K = [[H + gamma I, J_M^T], [J_M, -(I - M)]]``,
+
+  where ``H = D^2_yy L``, ``J_M`` are the rows of the constraint Jacobian for the active constraints and ``M`` the
+  active mask, so inactive constraints get ``w_i = 0`` inside one fixed-size batched system (no Python loop over
+  elements or active-set groups). Its own backward is implicit too, so double backward is exact.
+* :func:`implicit_vjp` finishes with one mixed second-derivative product:
+  ``x_bar = - d/dx [ <grad_y L(x, y, nu), u> + <c(x, y), w> ]``, which equals ``v^T Dy`` with
+  ``Dy = H^-1 A^T (A H^-1 A^T)^-1 (A H^-1 B - C) - H^-1 B`` (Prop. 4.5) and ``Dy = -H^-1 B`` without constraints
+  (Prop. 4.4). No Jacobian with respect to ``x`` is ever formed.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+
+from torchddn import linalg
+from torchddn.diagnostics import DDNError, NonRegularWarning, element_list
+from torchddn.solvers.base import batch_grad, batch_jacobian
+
+
+@dataclass(eq=False)
+class BoundProblem:
+    """A node bound to the non-tensor part of its inputs: evaluates ``f``, ``c`` and ``L`` on flat ``y``.
+
+    ``template`` holds the node's positional inputs with ``None`` where a tensor goes; ``tensor_pos`` lists those
+    positions. Functions take the tensors in that order, which keeps them usable under ``torch.func`` transforms.
+    """
+
+    node: Any
+    template: tuple
+    tensor_pos: tuple
+    yshape: tuple
+    num_eq: int = 0
+    num_ineq: int = 0
+    hess_mode: str = "exact"
+    gamma: float = 0.0
+    method: str = "auto"
+    tol: Optional[float] = None
+    max_iter: Optional[int] = None
+    dense_max: int = 128
+    hess_diag: Optional[Tensor] = None
+    infos: list = field(default_factory=list)
+
+    @property
+    def num_constraints(self) -> int:
+        return self.num_eq + self.num_ineq
+
+    def inputs(self, tensors: Sequence[Tensor]) -> tuple:
+        xs = list(self.template)
+        for pos, t in zip(self.tensor_pos, tensors):
+            xs[pos] = t
+        return tuple(xs)
+
+    def unflatten(self, yf: Tensor) -> Tensor:
+        return yf.reshape(yf.shape[0], *self.yshape)
+
+    def f(self, tensors: Sequence[Tensor], yf: Tensor) -> Tensor:
+        out = self.node.objective(*self.inputs(tensors), y=self.unflatten(yf))
+        if not isinstance(out, Tensor) or out.shape != (yf.shape[0],):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise DDNError(f"{type(self.node).__name__}.objective must return one value per batch element, shape "
+                           f"({yf.shape[0]},), but returned {shape}")
+        return out
+
+    def c(self, tensors: Sequence[Tensor], yf: Tensor) -> Optional[Tensor]:
+        parts = []
+        xs = self.inputs(tensors)
+        y = self.unflatten(yf)
+        b = yf.shape[0]
+        for name, count in (("equality_constraints", self.num_eq), ("inequality_constraints", self.num_ineq)):
+            if count:
+                val = getattr(self.node, name)(*xs, y=y)
+                if val.shape[0] != b or val.reshape(b, -1).shape[1] != count:
+                    raise DDNError(f"{type(self.node).__name__}.{name} must return shape ({b},) or ({b}, {count}), "
+                                   f"got {tuple(val.shape)}")
+                parts.append(val.reshape(b, -1))
+        if not parts:
+            return None
+        return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+
+    def lagrangian(self, tensors: Sequence[Tensor], yf: Tensor, nu: Optional[Tensor]) -> Tensor:
+        val = self.f(tensors, yf)
+        if self.num_constraints and nu is not None:
+            val = val - (nu * self.c(tensors, yf)).sum(-1)
+        return val
+
+    # ---- the KKT operator -------------------------------------------------------------------------------------
+    def kkt_matvec(self, tensors: Sequence[Tensor], yf: Tensor, nu: Optional[Tensor], mask: Optional[Tensor],
+                   z: Tensor) -> Tensor:
+        """``K z`` for ``z = [z_u; z_w]`` of shape ``(b, m + r)`` (see module docstring)."""
+        m = yf.shape[-1]
+        zu, zw = z[..., :m], z[..., m:]
+        if self.hess_mode == "exact":
+            hz = jvp(lambda u: batch_grad(lambda t: self.lagrangian(tensors, t, nu), u), (yf,), (zu,))[1]
+        elif self.hess_mode == "identity":
+            hz = zu
+        elif self.hess_mode == "diagonal":
+            hz = self.hess_diag * zu
+        else:
+            raise ValueError(f"unknown Hessian mode {self.hess_mode!r}")
+        if self.gamma:
+            hz = hz + self.gamma * zu
+        if not self.num_constraints:
+            return hz
+        maskf = mask.to(yf.dtype)
+        cfun = lambda t: self.c(tensors, t)  # noqa: E731
+        _, jz = jvp(cfun, (yf,), (zu,))
+        _, vjp_fn = vjp(cfun, yf)
+        jtw = vjp_fn(zw * maskf)[0]
+        return torch.cat([hz + jtw, maskf * jz - (1 - maskf) * zw], -1)
+
+
+@dataclass
+class ConstraintState:
+    """Constraint values ``(b, r)``, Jacobian ``(b, r, m)``, active mask ``(b, r)``, multipliers ``(b, r)`` and
+    non-regularity flags ``(b,)`` (``vanishing``, ``dependent``, ``weak``)."""
+
+    cval: Tensor
+    jac: Tensor
+    mask: Tensor
+    nu: Tensor
+    vanishing: Tensor
+    dependent: Tensor
+    weak: Tensor
+    dual_infeasible: Tensor
+
+
+def default_active_tol(dtype: torch.dtype) -> float:
+    return 1e-6 if dtype == torch.float64 else 1e-3
+
+
+def constraint_state(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor, nu: Optional[Tensor],
+                     active_tol: Optional[float] = None) -> ConstraintState:
+    """Active set, multipliers and regularity at ``y``.
+
+    An inequality ``g_i`` is active when ``g_i >= -tol * (1 + ||grad g_i|| * ||y||)``, a tolerance on the distance to
+    the constraint relative to the size of ``y``. Multipliers are taken from ``nu`` (convention
+    ``grad f = J^T nu``) or recovered as the least-squares (pseudo-inverse) solution over the active constraints.
+    """
+    tol = default_active_tol(yf.dtype) if active_tol is None else active_tol
+    p, r = bp.num_eq, bp.num_constraints
+    cval, jac = batch_jacobian(lambda t: bp.c(tensors, t), yf)
+    gnorm = jac.norm(dim=-1)  # (b, r)
+    ynorm = yf.norm(dim=-1, keepdim=True)
+    mask = torch.ones_like(cval, dtype=torch.bool)
+    if r > p:
+        ineq_active = cval[:, p:] >= -tol * (1 + gnorm[:, p:] * ynorm)
+        mask = torch.cat([mask[:, :p], ineq_active], -1)
+    maskf = mask.to(yf.dtype)
+    jm = jac * maskf[..., None]
+    gram = jm @ jm.transpose(-1, -2)
+    scale = gnorm.amax(-1).clamp_min(torch.finfo(yf.dtype).tiny) ** 2
+    if nu is None:
+        gf = batch_grad(lambda t: bp.f(tensors, t), yf)
+        rhs = (jm @ gf.unsqueeze(-1)).squeeze(-1)
+        gram_reg = gram + torch.diag_embed(1 - maskf)
+        nu = (torch.linalg.pinv(gram_reg, hermitian=True, rtol=1e-10 if yf.dtype == torch.float64 else 1e-5)
+              @ rhs.unsqueeze(-1)).squeeze(-1)
+    else:
+        nu = nu.reshape(yf.shape[0], r).to(yf.dtype)
+    nu = nu * maskf
+    eps = torch.finfo(yf.dtype).eps
+    vanishing = ((gnorm ** 2 <= 100 * eps * scale[:, None]) & mask).any(-1)
+    evals = torch.linalg.eigvalsh(gram + torch.diag_embed(1 - maskf) * scale[:, None, None])
+    dependent = (evals.amin(-1) <= r * 100 * eps * scale) & ~vanishing
+    weak = torch.zeros_like(vanishing)
+    dual_infeasible = torch.zeros(yf.shape[0], dtype=yf.dtype, device=yf.device)
+    if r > p:
+        nu_ineq = nu[:, p:]
+        size = nu.abs().amax(-1, keepdim=True).clamp_min(1.0)
+        weak_tol = 1e-8 if yf.dtype == torch.float64 else 1e-4
+        weak = ((nu_ineq.abs() * gnorm[:, p:] <= weak_tol * size) & mask[:, p:]).any(-1)
+        dual_infeasible = nu_ineq.clamp_min(0).norm(dim=-1)
+    return ConstraintState(cval, jac, mask, nu, vanishing, dependent, weak, dual_infeasible)
+
+
+class ImplicitSolve(torch.autograd.Function):
+    """``z = K(y, nu, x)^{-1} rhs`` for the symmetric KKT operator of a :class:`BoundProblem`.
+
+    Differentiable in every argument by the implicit rule ``d z = K^-1 (d rhs - dK z)``, itself computed with
+    another :class:`ImplicitSolve`, so derivatives of any order are exact. Under ``torch.func.vmap`` the vmapped
+    dimension is folded into the batch (elements are independent).
+    """
+
+    @staticmethod
+    def forward(bp: BoundProblem, rhs: Tensor, yf: Tensor, nu: Optional[Tensor], mask: Optional[Tensor],
+                *tensors: Tensor) -> Tensor:
+        z, info = _solve_kkt(bp, rhs, yf, nu, mask, tensors)
+        bp.infos.append(info)
+        return z
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        bp, rhs, yf, nu, mask, *tensors = inputs
+        ctx.bp = bp
+        ctx.has_nu, ctx.has_mask = nu is not None, mask is not None
+        ctx.save_for_backward(output, yf, nu if nu is not None else yf.new_zeros(0),
+                              mask if mask is not None else yf.new_zeros(0, dtype=torch.bool), *tensors)
+
+    @staticmethod
+    def backward(ctx: Any, zbar: Tensor) -> tuple:
+        z, yf, nu, mask, *tensors = ctx.saved_tensors
+        bp: BoundProblem = ctx.bp
+        nu = nu if ctx.has_nu else None
+        mask = mask if ctx.has_mask else None
+        a = ImplicitSolve.apply(bp, zbar, yf, nu, mask, *tensors)
+        need = ctx.needs_input_grad
+        grads: list = [None, a if need[1] else None, None, None, None] + [None] * len(tensors)
+        diff_idx = [i for i in range(2, 5 + len(tensors)) if need[i] and i != 4]
+        if diff_idx:
+            args = [None, None, yf, nu, mask, *tensors]
+
+            def kz(*diff_args: Tensor) -> Tensor:
+                full = list(args)
+                for i, val in zip(diff_idx, diff_args):
+                    full[i] = val
+                return bp.kkt_matvec(full[5:], full[2], full[3], full[4], z)
+
+            _, vjp_fn = vjp(kz, *[args[i] for i in diff_idx])
+            for i, g in zip(diff_idx, vjp_fn(a)):
+                grads[i] = -g
+        return tuple(grads)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, bp: BoundProblem, *args: Any) -> tuple:
+        return fold_vmap(lambda *a: ImplicitSolve.apply(bp, *a), info, in_dims[1:], args)
+
+
+def fold_vmap(apply: Any, info: Any, in_dims: Sequence[Optional[int]], args: Sequence[Any]) -> tuple:
+    """A vmap rule for batched autograd Functions: fold the vmapped dimension into the leading batch dimension.
+
+    Every tensor argument has the node's batch dimension first; the vmapped dimension is moved to the front (or
+    expanded when absent) and merged with it, the function runs once on ``B * b`` elements, and outputs are split.
+    """
+    size = info.batch_size
+    folded = []
+    for a, d in zip(args, in_dims):
+        if isinstance(a, Tensor):
+            a = a.movedim(d, 0) if d is not None else a.unsqueeze(0).expand(size, *a.shape)
+            a = a.reshape(size * a.shape[1], *a.shape[2:]) if a.dim() > 1 else a.reshape(-1)
+        folded.append(a)
+    out = apply(*folded)
+
+    def unfold(t: Tensor) -> Tensor:
+        return t.reshape(size, t.shape[0] // size, *t.shape[1:])
+
+    if isinstance(out, tuple):
+        return tuple(unfold(t) for t in out), tuple(0 for _ in out)
+    return unfold(out), 0
+
+
+def _solve_kkt(bp: BoundProblem, rhs: Tensor, yf: Tensor, nu: Optional[Tensor], mask: Optional[Tensor],
+               tensors: Sequence[Tensor]) -> tuple[Tensor, linalg.LinearSolveInfo]:
+    m, r = yf.shape[-1], bp.num_constraints
+    psd = r == 0 and bp.hess_mode in ("exact", "identity", "diagonal")
+    matvec = lambda z: bp.kkt_matvec(tensors, yf, nu, mask, z)  # noqa: E731
+    op = linalg.LinearOperator(matvec, m + r, symmetric=True, psd=psd)
+    method = bp.method
+    if method == "auto":
+        method = "dense" if m + r <= bp.dense_max else ("cg" if psd else "minres")
+    if method == "cg" and r > 0:
+        return _schur_cg(bp, rhs, yf, nu, mask, tensors)
+    return linalg.solve(op, rhs, method, bp.tol, bp.max_iter, bp.dense_max)
+
+
+def _schur_cg(bp: BoundProblem, rhs: Tensor, yf: Tensor, nu: Optional[Tensor], mask: Tensor,
+              tensors: Sequence[Tensor]) -> tuple[Tensor, linalg.LinearSolveInfo]:
+    """Constrained solve with CG on ``H`` only: ``(J_M H^-1 J_M^T + (I - M)) w = J_M H^-1 a - c``,
+    ``u = H^-1 (a - J_M^T w)``, with the ``r + 1`` CG solves batched together."""
+    m, r = yf.shape[-1], bp.num_constraints
+    a, cc = rhs[..., :m], rhs[..., m:]
+    maskf = mask.to(yf.dtype)
+    _, jac = batch_jacobian(lambda t: bp.c(tensors, t), yf)
+    jm = jac * maskf[..., None]  # (b, r, m)
+    hbp = BoundProblem(bp.node, bp.template, bp.tensor_pos, bp.yshape, 0, 0, bp.hess_mode, bp.gamma,
+                       hess_diag=bp.hess_diag)
+    # Hessian of the Lagrangian: bind nu by evaluating the constrained Lagrangian through a wrapper
+    def hmv(z: Tensor) -> Tensor:
+        return jvp(lambda u: batch_grad(lambda t: bp.lagrangian(tensors, t, nu), u), (yf,), (z,))[1] \
+            + bp.gamma * z if bp.hess_mode == "exact" else hbp.kkt_matvec(tensors, yf, None, None, z)
+
+    rhs_all = torch.cat([a.unsqueeze(0), jm.transpose(0, 1)], 0)  # (r + 1, b, m)
+    sol, info = linalg.solve(linalg.LinearOperator(torch.vmap(hmv), m, True, True), rhs_all, "cg", bp.tol,
+                             bp.max_iter)
+    if bool(info.indefinite.any()):
+        op = linalg.LinearOperator(lambda z: bp.kkt_matvec(tensors, yf, nu, mask, z), m + r, True, False)
+        return linalg.solve(op, rhs, "minres", bp.tol, bp.max_iter)
+    hinv_a, hinv_jt = sol[0], sol[1:].transpose(0, 1)  # (b, m), (b, r, m)
+    schur = jm @ hinv_jt.transpose(-1, -2) + torch.diag_embed(1 - maskf)
+    srhs = (jm @ hinv_a.unsqueeze(-1)).squeeze(-1) - cc
+    w, singular, _ = linalg.pinv_solve_symmetric(schur, srhs)
+    u = hinv_a - (hinv_jt.transpose(-1, -2) @ w.unsqueeze(-1)).squeeze(-1)
+    z = torch.cat([u, w], -1)
+    res = (bp.kkt_matvec(tensors, yf, nu, mask, z) - rhs).norm(dim=-1) / rhs.norm(dim=-1).clamp_min(
+        torch.finfo(rhs.dtype).tiny)
+    its = info.iterations.amax(0)
+    return z, linalg.LinearSolveInfo(res, its, singular, info.indefinite.any(0), "cg")
+
+
+def implicit_vjp(bp: BoundProblem, tensors: Sequence[Tensor], need: Sequence[bool], yf: Tensor, vf: Tensor,
+                 state: Optional[ConstraintState]) -> list[Optional[Tensor]]:
+    """Vector-Jacobian products ``v^T dy/dx_k`` for each tensor input ``k`` with ``need[k]``.
+
+    Cost: one KKT solve (dense: ``m + r`` vmapped Hessian-vector products and an ``O((m + r)^3)`` factorisation;
+    matrix-free: one Hessian-vector product per CG/MINRES iteration) plus one mixed second-derivative product.
+    """
+    r = bp.num_constraints
+    nu = state.nu if state is not None else None
+    mask = state.mask if state is not None else None
+    rhs = vf if r == 0 else torch.cat([vf, vf.new_zeros(vf.shape[0], r)], -1)
+    z = ImplicitSolve.apply(bp, rhs, yf, nu, mask, *tensors)
+    m = yf.shape[-1]
+    u, w = z[:, :m], z[:, m:]
+    idx = [k for k, n in enumerate(need) if n]
+    if not idx:
+        return [None] * len(tensors)
+
+    def phi(*diff: Tensor) -> Tensor:
+        ts = list(tensors)
+        for k, t in zip(idx, diff):
+            ts[k] = t
+        gl = grad(lambda t: bp.lagrangian(ts, t, nu).sum())(yf)
+        val = (gl * u).sum()
+        if r:
+            val = val + (bp.c(ts, yf) * mask.to(yf.dtype) * w).sum()
+        return val
+
+    grads = grad(phi, argnums=tuple(range(len(idx))))(*[tensors[k] for k in idx])
+    out: list[Optional[Tensor]] = [None] * len(tensors)
+    for k, g in zip(idx, grads):
+        out[k] = -g
+    return out
+
+
+def warn_nonregular(node_name: str, nonregular: Tensor, state: Optional[ConstraintState],
+                    indefinite: Optional[Tensor] = None) -> None:
+    """Warn, naming the condition and the elements, where the backward used the minimum-norm policy."""
+    conditions = []
+    if state is not None:
+        for flag, text in ((state.vanishing, "a vanishing constraint gradient"),
+                           (state.dependent, "linearly dependent active constraints"),
+                           (state.weak, "weakly active inequality constraints (zero multiplier): the gradient does "
+                                        "not exist there; the one-sided gradient with the constraint held active "
+                                        "is returned")):
+            if bool(flag.any()):
+                conditions.append(f"{text} at elements {element_list(flag)}")
+    other = nonregular
+    if state is not None:
+        other = nonregular & ~(state.vanishing | state.dependent)
+    if indefinite is not None and bool(indefinite.any()):
+        conditions.append(f"an indefinite Hessian (y may not be a local minimum) at elements {element_list(indefinite)}")
+        other = other & ~indefinite
+    if bool(other.any()):
+        conditions.append(f"a singular Hessian (or KKT matrix) at elements {element_list(other)}")
+    if conditions:
+        warnings.warn(f"{node_name}: non-regular solution: " + "; ".join(conditions)
+                      + ". Returning the minimum-norm (pseudo-inverse) gradient.", NonRegularWarning, stacklevel=4)
