@@ -137,8 +137,9 @@ def cg(matvec: MatVec, b: Tensor, tol: Optional[float] = None, max_iter: Optiona
        ) -> tuple[Tensor, LinearSolveInfo]:
     """Batched conjugate gradients for symmetric positive definite systems, matrix-free.
 
-    Each element stops when ``||r|| <= tol * ||b||`` and is frozen from then on. Elements that meet negative or
-    zero curvature (``p^T A p <= 0``) stop and are flagged ``indefinite``; callers fall back to :func:`minres`.
+    Each element stops when ``||r|| <= tol * ||b||`` and is frozen from then on. Elements that meet negative
+    curvature (flagged ``indefinite``) or zero curvature (flagged ``nonregular``) stop; :func:`solve` falls back to
+    :func:`minres` for them.
     Cost: one ``matvec`` per iteration for the whole batch.
     """
     tol = default_tol(b.dtype) if tol is None else tol
@@ -152,14 +153,18 @@ def cg(matvec: MatVec, b: Tensor, tol: Optional[float] = None, max_iter: Optiona
     target = (tol * bnorm) ** 2
     done = rs <= target
     bad = torch.zeros_like(done)
+    negative = torch.zeros_like(done)
     iters = torch.zeros(b.shape[:-1], dtype=torch.long, device=b.device)
     tiny = torch.finfo(b.dtype).tiny
+    eps = torch.finfo(b.dtype).eps
     for _ in range(max_iter):
         if bool(done.all()):
             break
         Ap = matvec(p)
         pAp = _dot(p, Ap)
-        curv_bad = (pAp <= tiny * _dot(p, p).clamp_min(tiny)) & ~done
+        small = pAp.abs() <= 100 * eps * p.norm(dim=-1) * Ap.norm(dim=-1) + tiny
+        curv_bad = ((pAp < 0) | small) & ~done
+        negative = negative | ((pAp < 0) & ~small & ~done)
         bad = bad | curv_bad
         done = done | curv_bad
         active = ~done
@@ -174,7 +179,7 @@ def cg(matvec: MatVec, b: Tensor, tol: Optional[float] = None, max_iter: Optiona
         done = done | (rs <= target)
     res = rs.sqrt() / bnorm.clamp_min(tiny)
     res = torch.where(bnorm == 0, torch.zeros_like(res), res)
-    return x, LinearSolveInfo(res, iters, bad, bad, "cg")
+    return x, LinearSolveInfo(res, iters, bad & ~negative, negative, "cg")
 
 
 def minres(matvec: MatVec, b: Tensor, tol: Optional[float] = None, max_iter: Optional[int] = None
@@ -267,17 +272,36 @@ def solve(op: LinearOperator, b: Tensor, method: str = "auto", tol: Optional[flo
         method = "dense" if op.n <= dense_max else ("cg" if op.psd else "minres")
     if method == "dense":
         return dense_solve(op.materialize(b), b, op.psd)
-    if method == "minres":
-        return minres(op.matvec, b, tol, max_iter)
+    if method not in ("cg", "minres"):
+        raise ValueError(f"unknown linear solve method {method!r}; use 'auto', 'dense', 'cg' or 'minres'")
+    tol_ = default_tol(b.dtype) if tol is None else tol
     if method == "cg":
         x, info = cg(op.matvec, b, tol, max_iter)
-        failed = info.indefinite | (info.residual > (default_tol(b.dtype) if tol is None else tol) * 10)
+        failed = info.indefinite | info.nonregular | (info.residual > 10 * tol_)
         if bool(failed.any()):
             x2, info2 = minres(op.matvec, b, tol, max_iter)
-            f = failed[..., None]
-            x = torch.where(f, x2, x)
-            info = LinearSolveInfo(torch.where(failed, info2.residual, info.residual),
-                                   info.iterations + torch.where(failed, info2.iterations, 0 * info2.iterations),
-                                   info.indefinite, info.indefinite, "cg+minres")
-        return x, info
-    raise ValueError(f"unknown linear solve method {method!r}; use 'auto', 'dense', 'cg' or 'minres'")
+            x, info = _merge(failed, x, info, x2, info2, "cg+minres")
+    else:
+        x, info = minres(op.matvec, b, tol, max_iter)
+    inconsistent = info.residual > 10 * tol_
+    if bool(inconsistent.any()):
+        # singular and inconsistent: MINRES on the normal equations A^2 x = A b stays in range(A), so it
+        # returns the minimum-norm least-squares solution
+        x3, info3 = minres(lambda z: op.matvec(op.matvec(z)), op.matvec(b), tol, max_iter)
+        res3 = (op.matvec(x3) - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(torch.finfo(b.dtype).tiny)
+        # where the normal equations are solved, the system is singular and inconsistent (non-regular); where
+        # they are not, the iteration limit was hit: keep whichever answer has the smaller residual
+        singular = inconsistent & (info3.residual <= 10 * tol_)
+        take = singular | (inconsistent & (res3 < info.residual))
+        info3 = LinearSolveInfo(res3, info3.iterations, singular, info.indefinite, info3.method)
+        x, info = _merge(take, x, info, x3, info3, info.method + "+lstsq")
+    return x, info
+
+
+def _merge(mask: Tensor, x: Tensor, info: LinearSolveInfo, x2: Tensor, info2: LinearSolveInfo, method: str
+           ) -> tuple[Tensor, LinearSolveInfo]:
+    """Take ``x2``/``info2`` where ``mask`` holds; iteration counts add up."""
+    x = torch.where(mask[..., None], x2, x)
+    return x, LinearSolveInfo(torch.where(mask, info2.residual, info.residual),
+                              info.iterations + torch.where(mask, info2.iterations, torch.zeros_like(info2.iterations)),
+                              torch.where(mask, info2.nonregular, info.nonregular), info.indefinite, method)

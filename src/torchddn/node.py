@@ -352,6 +352,7 @@ class DeclarativeNode:
                 residual, iterations, nonreg, indefinite))
         diag.linear_residual = residual
         diag.linear_iterations = iterations
+        nonreg = nonreg | indefinite
         if state is not None:
             nonreg = nonreg | state.vanishing | state.dependent | state.weak
         diag.nonregular = nonreg
@@ -470,12 +471,18 @@ class EqConstDeclarativeNode(DeclarativeNode):
 
     def _constraint_counts(self, xs: tuple, y: Tensor) -> tuple[int, int]:
         b = y.shape[0]
-        with torch.no_grad():
-            p = self.equality_constraints(*xs, y=y).reshape(b, -1).shape[1] if self._has("equality_constraints") \
-                else 0
-            q = self.inequality_constraints(*xs, y=y).reshape(b, -1).shape[1] \
-                if self._has("inequality_constraints") else 0
-        return p, q
+        counts = []
+        for name in ("equality_constraints", "inequality_constraints"):
+            if not self._has(name):
+                counts.append(0)
+                continue
+            with torch.no_grad():
+                val = getattr(self, name)(*xs, y=y)
+            if not isinstance(val, Tensor) or val.dim() == 0 or val.shape[0] != b:
+                shape = tuple(val.shape) if isinstance(val, Tensor) else type(val).__name__
+                raise DDNError(f"{type(self).__name__}.{name} must return shape ({b},) or ({b}, p), got {shape}")
+            counts.append(val.reshape(b, -1).shape[1])
+        return counts[0], counts[1]
 
     def inequality_constraints(self, *xs: Any, y: Tensor) -> Tensor:  # overridden by inequality nodes
         raise NotImplementedError
