@@ -371,8 +371,14 @@ class DeclarativeNode:
     def _unrolled_forward(self, *xs: Any) -> Tensor:
         """Differentiable solver iterations (``backward="unrolled"`` / ``"truncated"``)."""
         b = self._check_batch(xs)
+        detached = [x.detach() if isinstance(x, Tensor) else x for x in xs]
         with torch.no_grad():
-            y_star, ctx = self.solve(*[x.detach() if isinstance(x, Tensor) else x for x in xs])
+            y0 = self.initial_guess(*detached) if self.backward == "unrolled" else None
+            bp = self._bind(xs, y0) if y0 is not None else None
+            if bp is None or bp.num_constraints:  # the solution fixes the start (truncated) or the active set
+                y_star, ctx = self.solve(*detached)
+            else:
+                y_star, ctx = y0, None
         y_star = y_star.detach()
         bp = self._bind(xs, y_star)
         tensors = [xs[i] for i in bp.tensor_pos]
@@ -386,8 +392,7 @@ class DeclarativeNode:
             y = y_star.reshape(b, -1)
             steps = 10 if self.unroll_steps is None else self.unroll_steps
         else:
-            with torch.no_grad():
-                y = self.initial_guess(*[x.detach() if isinstance(x, Tensor) else x for x in xs]).reshape(b, -1)
+            y = y0.detach().reshape(b, -1)
             steps = self.max_iter if self.unroll_steps is None else self.unroll_steps
         state = None
         if bp.num_constraints:

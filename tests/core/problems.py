@@ -57,6 +57,9 @@ class QuadraticOnSphere(ddn.EqConstDeclarativeNode):
     def equality_constraints(self, x, r, y):
         return (y ** 2).sum(-1) - r.squeeze(-1) ** 2
 
+    def initial_guess(self, x, r):
+        return x.clone()
+
     def solve(self, x, r):
         return r * x / x.norm(dim=-1, keepdim=True), None
 
