@@ -339,6 +339,41 @@ def test_nonconvergence_warns_naming_elements():
         ddn.DeclarativeLayer(LinearFP(forward_solver="picard", max_iter=200, on_failure="raise"))(x, W)
 
 
+@pytest.mark.parametrize("forward_solver", ["anderson", "broyden", "picard"])
+def test_nan_from_T_is_reported_per_element(forward_solver):
+    # y = log(y) + x has the attracting fixed point y ~ 3.146 for x = 2; for x = -5 the first step is negative and
+    # log gives NaN: that element is named, the others are unaffected and the output stays finite
+    class Log(FixedPointNode):
+        def T(self, x, y):
+            return torch.log(y) + x
+
+        def initial_guess(self, x):
+            return torch.ones_like(x)
+
+    x = torch.tensor([[2.0], [-5.0], [2.5]], dtype=DT, requires_grad=True)
+    node = Log(forward_solver=forward_solver)
+    with pytest.warns(ConvergenceWarning, match=r"did not converge at batch elements \[1\]"):
+        y = ddn.DeclarativeLayer(node)(x)
+    assert bool(torch.isfinite(y).all())
+    for i in (0, 2):
+        torch.testing.assert_close(y[i], torch.log(y[i]) + x[i].detach(), atol=1e-9, rtol=0)
+    # dy/dx = 1 / (1 - 1/y) on the converged elements
+    (gx,) = torch.autograd.grad(y[[0, 2]].sum(), x)
+    torch.testing.assert_close(gx[[0, 2]], 1 / (1 - 1 / y[[0, 2]].detach()))
+
+
+def test_gradient_and_jacobian_methods():
+    b, n = 2, 3
+    W = contractive(b, n, 0.5, seed=24)
+    x = torch.randn(b, n, dtype=DT, generator=torch.Generator().manual_seed(25))
+    node = LinearFP()
+    gx, gW = node.gradient(x, W)                      # solves, v = ones
+    A = torch.eye(n, dtype=DT) - W
+    torch.testing.assert_close(gx, torch.linalg.solve(A.transpose(1, 2), torch.ones(b, n, dtype=DT)))
+    Jx, _ = node.jacobian(x, W)
+    torch.testing.assert_close(Jx, torch.linalg.inv(A))
+
+
 def test_wrong_output_shape_of_T():
     class Bad(TanhDEQ):
         def T(self, x, W, y):
@@ -394,6 +429,6 @@ def test_singular_jacobian_warns_and_stays_finite(backward_solver):
 def test_no_warnings_on_regular_problem():
     x = torch.randn(2, 3, dtype=DT, requires_grad=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", ddn.DDNWarning)
         y = ddn.DeclarativeLayer(TanhDEQ())(x, contractive(2, 3, 0.5))
         y.sum().backward()

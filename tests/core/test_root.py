@@ -233,7 +233,7 @@ def test_shape_and_value_errors():
 
 def test_no_warnings_on_regular_problem():
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", ddn.DDNWarning)
         x = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
         sqrt(x).sum().backward()
         M = torch.tensor([1.0], dtype=DT, requires_grad=True)

@@ -1,0 +1,789 @@
+"""Fixed-point (deep equilibrium) nodes: ``y = T(x, y)``, differentiated implicitly.
+
+The output of a :class:`FixedPointNode` is a fixed point ``y*`` of a user map ``T(*xs, y)``. Writing the fixed
+point as the root of ``F(x, y) = y - T(x, y)``, the implicit function theorem gives
+
+    Dy = (I - ∂T/∂y)⁻¹ ∂T/∂x,
+
+so the vector-Jacobian product needed by autograd is ``grad_x = (∂T/∂x)ᵀ u`` with ``u`` solving the adjoint
+system ``(I - ∂T/∂y)ᵀ u = v``. This module provides, all batched over the leading dimension and matrix-free:
+
+* forward solvers :func:`anderson`, :func:`broyden` and :func:`picard` for ``z = f(z)`` on ``(b, n)`` tensors;
+* :func:`gmres` (restarted, per-element convergence) and :func:`dense_solve_general` (LU with a minimum-norm
+  fallback) for non-symmetric linear systems;
+* :class:`FixedPointNode`, a declarative node whose backward solves the adjoint system with GMRES, a fixed-point
+  (Neumann) iteration, a dense LU, or the phantom gradient of Geng et al. (2021): ``k`` steps of the damped
+  Neumann iteration, i.e. the exact gradient of ``k`` damped unrolled steps started at ``y*``;
+* :func:`fixed_point`, the functional form.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import vjp
+
+from torchddn.diagnostics import (ConvergenceWarning, DDNError, Diagnostics, NonRegularWarning, element_list,
+                                  report)
+from torchddn.function import DeclarativeFunction
+from torchddn.implicit import fold_vmap
+from torchddn.linalg import LinearSolveInfo
+from torchddn.node import DeclarativeNode
+from torchddn.solvers.base import SolverResult, batch_jacobian
+
+FlatMap = Callable[[Tensor], Tensor]
+
+__all__ = ["FixedPointNode", "fixed_point", "anderson", "broyden", "picard", "gmres", "dense_solve_general",
+           "neumann", "FORWARD_SOLVERS", "BACKWARD_SOLVERS"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tolerances and small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Default forward tolerance on the relative fixed-point residual (``1e-10`` float64, ``~1e-5`` float32)."""
+    eps = torch.finfo(dtype).eps
+    return max(1e-10, min(100.0 * eps, 1e-2))
+
+
+def _fp_residual(fz: Tensor, z: Tensor) -> Tensor:
+    """Per-element relative fixed-point residual ``||f(z) - z|| / (1 + ||f(z)||)``; NaN becomes ``inf``."""
+    fn = fz.norm(dim=1)
+    res = (fz - z).norm(dim=1) / (1.0 + fn)
+    # overflowing norms mean divergence, not a small relative residual
+    return torch.where(torch.isfinite(fn) & torch.isfinite(res), res, torch.full_like(res, math.inf))
+
+
+class _Tracker:
+    """Per-element bookkeeping shared by the forward solvers: convergence masks, iteration counts and the best
+    iterate seen so far (returned for elements that never converge, so a diverging element cannot return NaN)."""
+
+    def __init__(self, z: Tensor, res: Tensor, tol: float) -> None:
+        self.tol = tol
+        self.best = z.clone()
+        self.best_res = res.clone()
+        self.converged = res <= tol
+        self.failed = ~torch.isfinite(res)
+        self.iterations = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+
+    @property
+    def done(self) -> Tensor:
+        return self.converged | self.failed
+
+    def update(self, z: Tensor, res: Tensor) -> None:
+        active = ~self.done
+        self.iterations = self.iterations + active.long()
+        better = active & (res < self.best_res)
+        self.best = torch.where(better[:, None], z, self.best)
+        self.best_res = torch.where(better, res, self.best_res)
+        self.converged = self.converged | (active & (res <= self.tol))
+        self.failed = self.failed | (active & ~torch.isfinite(res))
+
+    def result(self) -> SolverResult:
+        return SolverResult(y=self.best, nu=None, converged=self.converged, iterations=self.iterations,
+                            residual=self.best_res)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward solvers for z = f(z), z of shape (b, n)
+# ----------------------------------------------------------------------------------------------------------------
+
+def picard(f: FlatMap, z0: Tensor, *, tol: Optional[float] = None, max_iter: int = 500,
+           damping: float = 1.0) -> SolverResult:
+    r"""Damped Picard iteration ``z <- (1 - damping) z + damping f(z)`` on a batch ``z`` of shape ``(b, n)``.
+
+    Each element stops when its relative residual ``||f(z) - z|| / (1 + ||f(z)||) <= tol`` and is frozen. Elements
+    that never converge return their best iterate (``converged`` False). Cost: one ``f`` per iteration.
+    """
+    tol = default_tol(z0.dtype) if tol is None else float(tol)
+    z = z0
+    fz = f(z)
+    track = _Tracker(z, _fp_residual(fz, z), tol)
+    for _ in range(max_iter):
+        if bool(track.done.all()):
+            break
+        z = torch.where(track.done[:, None], z, (1.0 - damping) * z + damping * fz)
+        fz = f(z)
+        track.update(z, _fp_residual(fz, z))
+    return track.result()
+
+
+def anderson(f: FlatMap, z0: Tensor, *, tol: Optional[float] = None, max_iter: int = 500, memory: int = 5,
+             damping: float = 1.0, lam: Optional[float] = None) -> SolverResult:
+    r"""Batched Anderson acceleration (type II) for ``z = f(z)``, ``z`` of shape ``(b, n)``.
+
+    With the last ``k <= memory`` iterates ``X`` and residuals ``G = f(X) - X``, each step solves the regularised
+    constrained least-squares problem ``min_a ||G^T a||^2 + lam s ||a||^2`` s.t. ``sum(a) = 1`` (``s`` the mean
+    squared residual norm, so ``lam`` is scale free) through its bordered ``(k+1) x (k+1)`` system, and sets
+    ``z = damping * f(X) a + (1 - damping) X a``. Elements stop independently (see :func:`picard`); a failed small
+    solve falls back to a plain damped step. Cost per iteration: one ``f`` plus ``O(b k^2 n)``.
+    """
+    tol = default_tol(z0.dtype) if tol is None else float(tol)
+    lam = math.sqrt(torch.finfo(z0.dtype).eps) if lam is None else float(lam)
+    b, n = z0.shape
+    m = max(int(memory), 1)
+    X = z0.new_zeros(b, m, n)
+    F = z0.new_zeros(b, m, n)
+    z = z0
+    fz = f(z)
+    track = _Tracker(z, _fp_residual(fz, z), tol)
+    X[:, 0], F[:, 0] = z, fz
+    for k in range(1, max_iter + 1):
+        if bool(track.done.all()):
+            break
+        h = min(k, m)
+        G = F[:, :h] - X[:, :h]                                   # (b, h, n)
+        GG = G @ G.transpose(1, 2)                                # (b, h, h)
+        scale = torch.diagonal(GG, dim1=1, dim2=2).mean(-1).clamp_min(torch.finfo(z0.dtype).tiny)
+        A = z0.new_zeros(b, h + 1, h + 1)
+        A[:, 0, 1:] = 1.0
+        A[:, 1:, 0] = 1.0
+        A[:, 1:, 1:] = GG + (lam * scale)[:, None, None] * torch.eye(h, dtype=z0.dtype, device=z0.device)
+        rhs = z0.new_zeros(b, h + 1)
+        rhs[:, 0] = 1.0
+        sol, info = torch.linalg.solve_ex(A, rhs)
+        alpha = sol[:, 1:].unsqueeze(-1)                          # (b, h, 1)
+        z_new = damping * (alpha * F[:, :h]).sum(1) + (1.0 - damping) * (alpha * X[:, :h]).sum(1)
+        plain = (1.0 - damping) * z + damping * fz
+        ok = (info == 0) & torch.isfinite(z_new).all(dim=1)
+        z_new = torch.where(ok[:, None], z_new, plain)
+        z = torch.where(track.done[:, None], z, z_new)
+        fz = f(z)
+        X[:, k % m], F[:, k % m] = z, fz
+        track.update(z, _fp_residual(fz, z))
+    return track.result()
+
+
+def broyden(f: FlatMap, z0: Tensor, *, tol: Optional[float] = None, max_iter: int = 500, memory: int = 30,
+            damping: float = 1.0) -> SolverResult:
+    r"""Batched limited-memory ("good") Broyden method for the root of ``g(z) = f(z) - z``, ``z`` of shape ``(b, n)``.
+
+    The inverse Jacobian of ``g`` is approximated as ``-damping I + U V^T`` with at most ``memory`` rank-one terms
+    (the oldest is overwritten when full); the step is ``dz = -J^{-1} g``. Elements stop independently (see
+    :func:`picard`); updates with a vanishing denominator are skipped. Cost per iteration: one ``f`` plus
+    ``O(b n memory)``.
+    """
+    tol = default_tol(z0.dtype) if tol is None else float(tol)
+    b, n = z0.shape
+    M = max(int(memory), 1)
+    U = z0.new_zeros(b, n, M)
+    VT = z0.new_zeros(b, M, n)
+    tiny = torch.finfo(z0.dtype).tiny
+
+    def matvec(x: Tensor) -> Tensor:      # J^{-1} x
+        return -damping * x + (U * (VT * x.unsqueeze(1)).sum(-1).unsqueeze(1)).sum(-1)
+
+    def rmatvec(x: Tensor) -> Tensor:     # x^T J^{-1}
+        return -damping * x + ((x.unsqueeze(-1) * U).sum(1).unsqueeze(-1) * VT).sum(1)
+
+    z = z0
+    fz = f(z)
+    g = fz - z
+    track = _Tracker(z, _fp_residual(fz, z), tol)
+    dz = -matvec(g)
+    for k in range(max_iter):
+        if bool(track.done.all()):
+            break
+        active = ~track.done
+        dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
+        z_new = z + dz
+        fz_new = f(z_new)
+        g_new = fz_new - z_new
+        res = _fp_residual(fz_new, z_new)
+        finite = torch.isfinite(res)
+        dg = g_new - g
+        vT = rmatvec(dz)
+        denom = (vT * dg).sum(dim=1)
+        upd = active & finite & (denom.abs() > 1e3 * tiny * (dz.norm(dim=1) * dg.norm(dim=1) + tiny))
+        safe = torch.where(upd, denom, torch.ones_like(denom))
+        u = torch.where(upd[:, None], (dz - matvec(dg)) / safe[:, None], torch.zeros_like(dz))
+        vT = torch.where(upd[:, None], vT, torch.zeros_like(vT))
+        slot = k % M
+        U[:, :, slot] = torch.where(upd[:, None], u, U[:, :, slot])
+        VT[:, slot] = torch.where(upd[:, None], vT, VT[:, slot])
+        keep = active & finite
+        z = torch.where(keep[:, None], z_new, z)
+        g = torch.where(keep[:, None], g_new, g)
+        track.update(z_new, res)
+        dz = -matvec(g)
+    return track.result()
+
+
+FORWARD_SOLVERS: dict[str, Callable[..., SolverResult]] = {"anderson": anderson, "broyden": broyden,
+                                                           "picard": picard}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# non-symmetric batched linear solves
+# ----------------------------------------------------------------------------------------------------------------
+
+def _lin_tol(dtype: torch.dtype) -> float:
+    return 1e-11 if dtype == torch.float64 else 1e-6
+
+
+def gmres(matvec: Callable[[Tensor], Tensor], rhs: Tensor, *, tol: Optional[float] = None,
+          restart: Optional[int] = None, max_iter: Optional[int] = None) -> tuple[Tensor, LinearSolveInfo]:
+    r"""Batched restarted GMRES for non-symmetric systems ``A x = rhs``, matrix-free.
+
+    Args:
+        matvec: ``(b, n) -> (b, n)``, the per-element product ``A_i x_i``.
+        rhs: ``(b, n)``.
+        tol: relative residual tolerance ``||A x - rhs|| <= tol ||rhs||`` (default ``1e-11`` in float64,
+            ``1e-6`` otherwise).
+        restart: Krylov dimension per cycle (default ``min(n, 30)``).
+        max_iter: total Arnoldi steps (default ``max(10 n, 100)``, at most 2000).
+
+    Each element keeps its own residual (Givens rotations); finished elements are frozen, as are elements whose
+    residual does not decrease over a whole restart cycle (stagnation). If the Arnoldi process of
+    an element breaks down (the Krylov space is invariant) before its residual is small, its matrix is singular
+    and the right-hand side is outside its range: the element stops with the least-squares solution of the cycle
+    (minimum norm in the Krylov space, never NaN) and is flagged ``nonregular``.
+    Cost: one ``matvec`` per iteration for the whole batch plus ``O(b n restart)`` orthogonalisation.
+
+    Returns:
+        ``(x, info)`` with per-element relative residual, iterations and the ``nonregular`` flag.
+    """
+    b, n = rhs.shape
+    dtype, device = rhs.dtype, rhs.device
+    tol = _lin_tol(dtype) if tol is None else float(tol)
+    restart = min(n, 30) if restart is None else max(int(restart), 1)
+    max_iter = min(max(10 * n, 100), 2000) if max_iter is None else int(max_iter)
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    x = torch.zeros_like(rhs)
+    bnorm = rhs.norm(dim=1)
+    target = tol * bnorm
+    r = rhs.clone()
+    beta = bnorm.clone()
+    converged = beta <= target
+    singular = torch.zeros(b, dtype=torch.bool, device=device)
+    iters = torch.zeros(b, dtype=torch.long, device=device)
+    total = 0
+    stagnant = torch.zeros(b, dtype=torch.bool, device=device)
+    while total < max_iter and not bool((converged | singular | stagnant).all()):
+        k = min(restart, max_iter - total)
+        active0 = ~(converged | singular | stagnant)
+        V = rhs.new_zeros(b, k + 1, n)
+        V[:, 0] = r / beta.clamp_min(tiny)[:, None]
+        H = rhs.new_zeros(b, k + 1, k)
+        # product of the Givens rotations so far, applied as one small matrix product per step
+        Q = torch.eye(k + 1, dtype=dtype, device=device).repeat(b, 1, 1)
+        active = active0.clone()
+        steps = torch.zeros(b, dtype=torch.long, device=device)   # Krylov dimension used by each element
+        broke = torch.zeros(b, dtype=torch.bool, device=device)
+        used = 0
+        for j in range(k):
+            w = matvec(V[:, j])
+            wnorm = w.norm(dim=1)
+            # classical Gram-Schmidt, twice (numerically as good as modified GS, and batched)
+            Vj = V[:, : j + 1]
+            h = (Vj * w.unsqueeze(1)).sum(-1)
+            w = w - (h.unsqueeze(-1) * Vj).sum(1)
+            h2 = (Vj * w.unsqueeze(1)).sum(-1)
+            w = w - (h2.unsqueeze(-1) * Vj).sum(1)
+            h = h + h2
+            hn = w.norm(dim=1)
+            brk = hn <= 100 * eps * wnorm + tiny
+            V[:, j + 1] = torch.where(brk[:, None], torch.zeros_like(w), w / hn.clamp_min(tiny)[:, None])
+            hn = torch.where(brk, torch.zeros_like(hn), hn)
+            H[:, : j + 1, j] = h
+            H[:, j + 1, j] = hn
+            # Givens rotations: previous ones applied to column j, then the new one zeroing H[j + 1, j]
+            col = torch.cat([h, hn.unsqueeze(1)], dim=1)          # (b, j + 2)
+            col = (Q[:, : j + 2, : j + 2] * col.unsqueeze(1)).sum(-1)
+            a, c2 = col[:, j], col[:, j + 1]
+            rr = torch.sqrt(a * a + c2 * c2)
+            nz = rr > 100 * eps * wnorm + tiny   # relative to ||A v_j||, the norm of the whole column
+            # a zero column (c, s) = (0, 1) keeps the residual where it is: the step made no progress
+            c = torch.where(nz, a / torch.where(nz, rr, torch.ones_like(rr)), torch.zeros_like(rr))[:, None]
+            s = torch.where(nz, c2 / torch.where(nz, rr, torch.ones_like(rr)), torch.ones_like(rr))[:, None]
+            qj, qj1 = Q[:, j, : j + 2], Q[:, j + 1, : j + 2]
+            Q[:, j, : j + 2], Q[:, j + 1, : j + 2] = c * qj + s * qj1, c * qj1 - s * qj
+            res = (beta * Q[:, j + 1, 0]).abs()                   # |last entry of the rotated beta e1|
+            steps = steps + active.long()
+            iters = iters + active.long()
+            used = j + 1
+            reached = active & (res <= target)
+            stuck = active & brk & ~reached
+            broke = broke | stuck
+            active = active & ~reached & ~brk
+            if not bool(active.any()):
+                break
+        total += used
+        # least-squares solution of min ||beta e1 - H_s y|| per element, truncated to its own Krylov dimension
+        Hs = H[:, : used + 1, :used]
+        cols = torch.arange(used, device=device)
+        mask = (cols[None, :] < steps[:, None]).to(dtype)
+        Hm = Hs * mask[:, None, :]
+        e1 = rhs.new_zeros(b, used + 1)
+        e1[:, 0] = beta
+        y = (torch.linalg.pinv(Hm) @ e1.unsqueeze(-1)).squeeze(-1)
+        dx = (y.unsqueeze(-1) * V[:, :used]).sum(1)
+        x = torch.where(active0[:, None], x + dx, x)
+        r = rhs - matvec(x)
+        beta_old, beta = beta, r.norm(dim=1)
+        converged = converged | (active0 & (beta <= target * (1 + 10 * eps)))
+        singular = singular | (active0 & broke & ~converged)
+        # a whole cycle without progress: rounding-level stagnation, stop (reported as not converged)
+        stagnant = stagnant | (active0 & ~converged & ~singular & ~(beta < (1 - 1e-6) * beta_old))
+    relres = beta / bnorm.clamp_min(tiny)
+    relres = torch.where(bnorm == 0, torch.zeros_like(relres), relres)
+    return x, LinearSolveInfo(relres, iters, singular, torch.zeros_like(singular), "gmres")
+
+
+def dense_solve_general(A: Tensor, rhs: Tensor, *, rcond: Optional[float] = None) -> tuple[Tensor, LinearSolveInfo]:
+    r"""Solve dense batched non-symmetric systems ``A x = rhs``, ``A`` of shape ``(b, n, n)``, ``rhs`` ``(b, n)``.
+
+    Elements with ``sigma_min / sigma_max <= rcond`` (default ``100 n eps``) are singular: they get the
+    minimum-norm least-squares solution ``pinv(A) rhs`` and are flagged ``nonregular``; the others are solved by
+    LU. Cost ``O(n^3)`` per element.
+    """
+    b, n, _ = A.shape
+    rcond = 100 * max(n, 1) * torch.finfo(A.dtype).eps if rcond is None else float(rcond)
+    sv = torch.linalg.svdvals(A)
+    smax = sv[:, 0]
+    singular = ~(sv[:, -1] > rcond * smax) | ~torch.isfinite(sv).all(dim=1)
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    A_safe = torch.where(singular[:, None, None], eye.expand_as(A), A)
+    x, _ = torch.linalg.solve_ex(A_safe, rhs)
+    if bool(singular.any()):
+        A_fin = torch.nan_to_num(A, nan=0.0, posinf=0.0, neginf=0.0)
+        xp = (torch.linalg.pinv(A_fin, rtol=rcond) @ rhs.unsqueeze(-1)).squeeze(-1)
+        x = torch.where(singular[:, None], xp, x)
+    r = (A @ x.unsqueeze(-1)).squeeze(-1) - rhs
+    relres = r.norm(dim=1) / rhs.norm(dim=1).clamp_min(torch.finfo(A.dtype).tiny)
+    zeros = torch.zeros(b, dtype=torch.long, device=A.device)
+    return x, LinearSolveInfo(relres, zeros, singular, torch.zeros_like(singular), "dense")
+
+
+def neumann(rmatvec: Callable[[Tensor], Tensor], v: Tensor, *, tol: Optional[float] = None, max_iter: int = 500,
+            damping: float = 1.0, steps: Optional[int] = None) -> tuple[Tensor, LinearSolveInfo]:
+    r"""Damped fixed-point (Neumann series) iteration ``u <- (1 - damping) u + damping (v + Jᵀ u)`` from ``u = 0``
+    for ``(I - Jᵀ) u = v``, with ``rmatvec(u) = Jᵀ u`` batched on ``(b, n)``.
+
+    With ``steps=k`` exactly ``k`` steps are taken (the phantom gradient); otherwise each element stops when
+    ``||(I - Jᵀ) u - v|| <= tol ||v||``. Converges when the spectral radius of ``(1 - damping) I + damping J`` is
+    below one. Cost: one ``rmatvec`` per step.
+    """
+    b = v.shape[0]
+    tol = _lin_tol(v.dtype) if tol is None else float(tol)
+    tiny = torch.finfo(v.dtype).tiny
+    vnorm = v.norm(dim=1)
+    u = torch.zeros_like(v)
+    iters = torch.zeros(b, dtype=torch.long, device=v.device)
+    if steps is not None:
+        for _ in range(int(steps)):
+            u = (1.0 - damping) * u + damping * (v + rmatvec(u))
+        iters = iters + int(steps)
+        relres = ((u - rmatvec(u)) - v).norm(dim=1) / vnorm.clamp_min(tiny)
+        return u, LinearSolveInfo(relres, iters, torch.zeros(b, dtype=torch.bool, device=v.device),
+                                  torch.zeros(b, dtype=torch.bool, device=v.device), "phantom")
+    done = vnorm <= tiny
+    relres = torch.zeros_like(vnorm)
+    for _ in range(max_iter):
+        if bool(done.all()):
+            break
+        Ju = rmatvec(u)
+        relres = torch.nan_to_num(((u - Ju) - v).norm(dim=1) / vnorm.clamp_min(tiny), nan=math.inf)
+        done = done | (relres <= tol)
+        active = ~done
+        u = torch.where(active[:, None], (1.0 - damping) * u + damping * (v + Ju), u)
+        iters = iters + active.long()
+    relres = ((u - rmatvec(u)) - v).norm(dim=1) / vnorm.clamp_min(tiny)
+    relres = torch.where(vnorm <= tiny, torch.zeros_like(relres), torch.nan_to_num(relres, nan=math.inf))
+    # a diverging iteration must not hand back Inf/NaN
+    bad = ~torch.isfinite(u).all(dim=1)
+    u = torch.where(bad[:, None], torch.zeros_like(u), u)
+    return u, LinearSolveInfo(relres, iters, bad, torch.zeros_like(bad), "fixed_point")
+
+
+BACKWARD_SOLVERS = ("gmres", "fixed_point", "dense")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared node machinery (also used by torchddn.root)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _detach_all(xs: Sequence[Any]) -> tuple:
+    return tuple(x.detach() if isinstance(x, Tensor) else x for x in xs)
+
+
+def _check_y(y: Any, name: str) -> Tensor:
+    """``y`` must be a finite floating tensor with a leading batch dimension."""
+    if not isinstance(y, Tensor):
+        raise DDNError(f"{name} must return a tensor of shape (b, ...), got {type(y).__name__}")
+    if y.dim() < 1 or not y.is_floating_point():
+        raise DDNError(f"{name} must return a floating point tensor of shape (b, ...), got shape {tuple(y.shape)} "
+                       f"and dtype {y.dtype}")
+    bad = ~torch.isfinite(y.reshape(y.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        raise DDNError(f"{name} returned NaN or Inf at batch elements {element_list(bad)}")
+    return y
+
+
+def _flat_map(fn: Callable[[Tensor], Tensor], shape: torch.Size, name: str) -> FlatMap:
+    """Wrap ``fn: (b, ...) -> (b, ...)`` (same shape as its argument) as a map on flat ``(b, m)`` tensors."""
+    b = shape[0]
+
+    def flat(zf: Tensor) -> Tensor:
+        out = fn(zf.reshape(shape))
+        if not isinstance(out, Tensor) or out.shape != shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise DDNError(f"{name} must return a tensor with the shape of y, {tuple(shape)}, but returned {got}")
+        return out.reshape(b, -1)
+
+    return flat
+
+
+def _input_vjp(fn: Callable[..., Tensor], xs: tuple, u: Tensor, need: Optional[Sequence[bool]] = None) -> tuple:
+    """``(∂fn/∂x_i)ᵀ u`` for the floating-point tensor inputs of ``fn(*xs)`` (one VJP) where ``need[i]``, ``None``
+    for the others."""
+    pos = [i for i, x in enumerate(xs) if isinstance(x, Tensor) and x.is_floating_point() and
+           (need is None or need[i])]
+    grads: list = [None] * len(xs)
+    if not pos:
+        return tuple(grads)
+
+    def fn_t(*t: Tensor) -> Tensor:
+        full = list(xs)
+        for i, ti in zip(pos, t):
+            full[i] = ti
+        return fn(*full)
+
+    _, pullback = vjp(fn_t, *[xs[i] for i in pos])
+    for i, g in zip(pos, pullback(u)):
+        grads[i] = g
+    return tuple(grads)
+
+
+class _ImplicitOp:
+    """The linear operator of an implicit backward at ``theta = (y, xs)``, for a flat map ``G(tensors, yf)``:
+    ``A = I - ∂G/∂y`` (``kind="fixed_point"``, ``G = T``) or ``A = ∂G/∂y`` (``kind="root"``, ``G = F``).
+
+    ``solve(transpose, rhs, yf, tensors)`` solves ``Aᵀ z = rhs`` (VJPs) or ``A z = rhs`` (JVPs) with ``method``
+    ``"gmres"``, ``"dense"``, ``"fixed_point"`` (Neumann; fixed-point kind only) or ``"phantom"``.
+    """
+
+    def __init__(self, G: Callable[[Sequence[Tensor], Tensor], Tensor], kind: str, method: str, *,
+                 tol: Optional[float] = None, max_iter: Optional[int] = None, restart: Optional[int] = None,
+                 damping: float = 1.0, steps: Optional[int] = None) -> None:
+        self.G, self.kind, self.method = G, kind, method
+        self.tol, self.max_iter, self.restart = tol, max_iter, restart
+        self.damping, self.steps = damping, steps
+        self.infos: list[LinearSolveInfo] = []
+
+    def matvec(self, tensors: Sequence[Tensor], yf: Tensor, z: Tensor) -> Tensor:
+        """``A z`` (one JVP of ``G``), differentiable in ``tensors``, ``yf`` and ``z``."""
+        jz = torch.func.jvp(lambda t: self.G(tensors, t), (yf,), (z,))[1]
+        return z - jz if self.kind == "fixed_point" else jz
+
+    def solve(self, transpose: bool, rhs: Tensor, yf: Tensor, tensors: Sequence[Tensor]
+              ) -> tuple[Tensor, LinearSolveInfo]:
+        G = lambda t: self.G(tensors, t)  # noqa: E731
+        fp = self.kind == "fixed_point"
+        if self.method == "dense":
+            _, J = batch_jacobian(G, yf)
+            A = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device) - J if fp else J
+            return dense_solve_general(A.transpose(1, 2) if transpose else A, rhs)
+        if transpose:
+            _, pullback = vjp(G, yf)
+            jmv = lambda z: pullback(z)[0]  # noqa: E731
+        else:
+            jmv = lambda z: torch.func.jvp(G, (yf,), (z,))[1]  # noqa: E731
+        if self.method == "gmres":
+            mv = (lambda z: z - jmv(z)) if fp else jmv
+            return gmres(mv, rhs, tol=self.tol, restart=self.restart, max_iter=self.max_iter)
+        if self.method == "phantom":
+            return neumann(jmv, rhs, damping=self.damping, steps=self.steps)
+        return neumann(jmv, rhs, tol=self.tol, damping=self.damping,
+                       max_iter=500 if self.max_iter is None else self.max_iter)
+
+
+class _ImplicitLinearSolve(torch.autograd.Function):
+    """``z = A(theta)^{-T} rhs`` (``transpose=True``) or ``A(theta)^{-1} rhs``, differentiable to any order.
+
+    With ``a`` the solve with the other transpose of the incoming gradient, ``rhs_bar = a`` and
+    ``theta_bar = -∂/∂theta [lᵀ A(theta) r]`` with ``(l, r) = (z, a)`` for the transposed solve and ``(a, z)``
+    otherwise. Under ``torch.func.vmap`` the vmapped dimension is folded into the batch.
+    """
+
+    @staticmethod
+    def forward(op: _ImplicitOp, transpose: bool, rhs: Tensor, yf: Tensor, *tensors: Tensor) -> Tensor:
+        z, info = op.solve(transpose, rhs, yf, tensors)
+        op.infos.append(info)
+        return z
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        op, transpose, rhs, yf, *tensors = inputs
+        ctx.op, ctx.transpose = op, transpose
+        ctx.save_for_backward(output, yf, *tensors)
+
+    @staticmethod
+    def backward(ctx: Any, zbar: Tensor) -> tuple:
+        z, yf, *tensors = ctx.saved_tensors
+        op: _ImplicitOp = ctx.op
+        if op.method == "phantom":
+            raise DDNError("the phantom gradient is first-order only; use phantom=None for higher derivatives")
+        a = _ImplicitLinearSolve.apply(op, not ctx.transpose, zbar, yf, *tensors)
+        left, right = (z, a) if ctx.transpose else (a, z)
+        need = ctx.needs_input_grad
+        idx = [i for i in range(len(tensors)) if need[4 + i]]
+        grads: list = [None, None, a if need[2] else None, None] + [None] * len(tensors)
+        if need[3] or idx:
+            def q(y_: Tensor, *ts: Tensor) -> Tensor:
+                full = list(tensors)
+                for i, t in zip(idx, ts):
+                    full[i] = t
+                return -(left * op.matvec(full, y_, right)).sum()
+
+            gs = torch.func.grad(q, argnums=tuple(range(1 + len(idx))))(yf, *[tensors[i] for i in idx])
+            grads[3] = gs[0] if need[3] else None
+            for i, g in zip(idx, gs[1:]):
+                grads[4 + i] = g
+        return tuple(grads)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, op: _ImplicitOp, transpose: bool, *args: Any) -> tuple:
+        return fold_vmap(lambda *a: _ImplicitLinearSolve.apply(op, transpose, *a), info, in_dims[2:], args)
+
+
+def _implicit_vjp(node: DeclarativeNode, fn: Callable[..., Tensor], kind: str, method: str, xs: tuple,
+                  y: Tensor, rhs: Tensor, system: str, singular_text: str, need: Optional[Sequence[bool]] = None,
+                  **solve_options: Any) -> tuple:
+    """Solve ``A(y, xs)ᵀ u = rhs`` (see :class:`_ImplicitOp`) and return ``(∂fn/∂x_i)ᵀ u`` for the floating-point
+    tensor inputs (``None`` for the others). Differentiable (double backward, ``torch.func`` transforms)."""
+    shape = y.shape
+    b = shape[0]
+    pos = [i for i, x in enumerate(xs) if isinstance(x, Tensor)]
+
+    def G(tensors: Sequence[Tensor], yf: Tensor) -> Tensor:
+        full = list(xs)
+        for i, t in zip(pos, tensors):
+            full[i] = t
+        yshape = torch.Size((yf.shape[0], *shape[1:]))  # under vmap the batch is folded: B * b elements
+        return _flat_map(lambda yy: fn(*full, y=yy), yshape, _fn_name(node, kind))(yf)
+
+    op = _ImplicitOp(G, kind, method, **solve_options)
+    u = _ImplicitLinearSolve.apply(op, True, rhs.reshape(b, -1), y.reshape(b, -1), *[xs[i] for i in pos])
+    if op.infos:
+        _record_linear(node, op.infos[-1], system, singular_text)
+    return _input_vjp(lambda *xx: fn(*xx, y=y), xs, u.reshape(shape), need)
+
+
+def _fn_name(node: DeclarativeNode, kind: str) -> str:
+    return f"{type(node).__name__}.{'T' if kind == 'fixed_point' else 'optimality'}"
+
+
+def _record_linear(node: DeclarativeNode, info: LinearSolveInfo, system: str, singular_text: str) -> None:
+    """Store the backward solve's per-element results in ``node.diagnostics`` and warn: singular elements with
+    :class:`NonRegularWarning`; unconverged iterative solves per the node's ``on_failure`` policy."""
+    diag = node.diagnostics
+    diag.linear_residual = info.residual.detach()
+    diag.linear_iterations = info.iterations.detach()
+    diag.nonregular = info.nonregular.detach()
+    diag.backward_method = info.method
+    name = type(node).__name__
+    if bool(info.nonregular.any()) and node.on_failure != "ignore":
+        warnings.warn(f"{name}: {singular_text} at batch elements {element_list(info.nonregular)}; the minimum-norm "
+                      f"(least-squares) solution of {system} is used, so the gradient there is not the derivative",
+                      NonRegularWarning, stacklevel=5)
+    if info.method in ("phantom", "dense"):
+        return
+    tol = 1e-6 if info.residual.dtype == torch.float64 else 1e-3
+    bad = ~(info.residual <= tol) & ~info.nonregular
+    if bool(bad.any()):
+        report(node.on_failure, f"{name}: the backward solve of {system} ({info.method}) did not converge at batch "
+               f"elements {element_list(bad)} (relative residual up to {float(info.residual[bad].max()):.3g}); "
+               f"increase backward_max_iter or use backward_solver='dense' / 'gmres'", ConvergenceWarning,
+               stacklevel=5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the node
+# ----------------------------------------------------------------------------------------------------------------
+
+class FixedPointNode(DeclarativeNode):
+    r"""Deep equilibrium node: ``y`` is a fixed point ``y = T(*xs, y)``.
+
+    Subclass and define
+
+    * ``T(self, *xs, y)``: batched, ``xs`` of shape ``(b, ...)``, ``y`` of shape ``(b, ...)``; returns a tensor
+      with ``y``'s shape. Only the floating-point tensor inputs receive gradients, so pass weights as inputs
+      (expanded to the batch, e.g. ``W.expand(b, n, n)``: every tensor input has the leading batch dimension).
+    * ``initial_guess(self, *xs)``: ``y0`` of shape ``(b, ...)``; it fixes ``y``'s shape.
+
+    Use it as ``DeclarativeLayer(node)(*xs)`` (an ``nn.Module``) or through :func:`fixed_point`.
+
+    Gradient: with ``J_y = ∂T/∂y`` and ``J_x = ∂T/∂x`` at the fixed point, ``Dy = (I - J_y)⁻¹ J_x``. The backward
+    solves the adjoint system ``(I - J_y)ᵀ u = v`` matrix-free with vector-Jacobian products of ``T`` and returns
+    ``J_xᵀ u`` by one more VJP. It requires ``I - J_y`` to be invertible (e.g. ``T`` contractive in ``y``); where
+    it is singular the least-squares solution is used and a :class:`~torchddn.diagnostics.NonRegularWarning` names
+    the elements. The adjoint solve is itself differentiated implicitly, so double backward and ``torch.func``
+    transforms (``vmap``, ``jacrev``) are exact; the phantom gradient is first-order only.
+
+    Args:
+        forward_solver: ``"anderson"`` (default), ``"broyden"``, ``"picard"`` or a callable
+            ``solver(f, z0, tol=, max_iter=, damping=) -> SolverResult`` on flat ``(b, n)`` tensors.
+        tol: forward tolerance on ``||T(y) - y|| / (1 + ||T(y)||)`` per element (default ``1e-10`` in float64,
+            ``~1e-5`` in float32).
+        max_iter: forward iterations.
+        backward_solver: ``"gmres"`` (default; restarted, ``O(b n restart)`` memory, one VJP per step),
+            ``"fixed_point"`` (the Neumann iteration ``u <- v + J_yᵀ u``, damped; needs ``T`` contractive),
+            or ``"dense"`` (``n`` VJPs to form ``J_y``, LU with a least-squares fallback; small ``n`` only).
+        phantom: ``None`` (exact gradient) or ``k``: the phantom gradient, ``k`` steps of the damped Neumann
+            iteration ``u <- (1 - damping) u + damping (v + J_yᵀ u)`` from ``u = 0``, which is the exact gradient of
+            ``k`` damped unrolled steps ``y <- (1 - damping) y + damping T(x, y)`` started at ``y*``. Cost ``k + 1``
+            VJPs; it converges to the exact gradient as ``k`` grows when the iteration is contractive.
+        damping: relaxation in ``(0, 1]`` for the Picard and Anderson mixing, the Broyden initial inverse Jacobian,
+            the Neumann iteration and the phantom gradient.
+        memory: history size of Anderson (default 5) or Broyden (default 30).
+        backward_tol, backward_max_iter, backward_restart: for the iterative backward solves.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"`` on non-convergence of the forward or backward solve.
+        check_inputs: check batch sizes and NaN/Inf of the inputs and the output.
+
+    After a call :attr:`diagnostics` holds the per-element fixed-point residual, convergence flags and iterations,
+    and after a backward the linear solve's relative residual, iterations and non-regular flags.
+    """
+
+    def __init__(self, *, forward_solver: Any = "anderson", tol: Optional[float] = None, max_iter: int = 500,
+                 backward_solver: str = "gmres", phantom: Optional[int] = None, damping: float = 1.0,
+                 memory: Optional[int] = None, backward_tol: Optional[float] = None,
+                 backward_max_iter: Optional[int] = None, backward_restart: Optional[int] = None,
+                 on_failure: str = "warn", check_inputs: bool = True) -> None:
+        super().__init__(tol=tol, max_iter=max_iter, on_failure=on_failure, check_inputs=check_inputs,
+                         linear_tol=backward_tol, linear_max_iter=backward_max_iter)
+        if not callable(forward_solver) and forward_solver not in FORWARD_SOLVERS:
+            raise ValueError(f"forward_solver must be one of {sorted(FORWARD_SOLVERS)} or a callable, got "
+                             f"{forward_solver!r}")
+        if backward_solver not in BACKWARD_SOLVERS:
+            raise ValueError(f"backward_solver must be one of {BACKWARD_SOLVERS}, got {backward_solver!r}")
+        if phantom is not None and (int(phantom) != phantom or phantom < 1):
+            raise ValueError(f"phantom must be None or a positive number of steps, got {phantom!r}")
+        if not 0.0 < float(damping) <= 1.0:
+            raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+        self.forward_solver = forward_solver
+        self.backward_solver = backward_solver
+        self.phantom = None if phantom is None else int(phantom)
+        self.damping = float(damping)
+        self.memory = memory
+        self.backward_restart = backward_restart
+
+    # ---- user hooks ---------------------------------------------------------------------------------------------
+    def T(self, *xs: Any, y: Tensor) -> Tensor:
+        """The map ``T(*xs, y)``, batched, returning a tensor with ``y``'s shape."""
+        raise NotImplementedError(f"{type(self).__name__} must define T(self, *xs, y)")
+
+    def initial_guess(self, *xs: Any) -> Tensor:
+        """Starting point ``y0`` of shape ``(b, ...)``; fixes ``y``'s shape."""
+        raise NotImplementedError(f"{type(self).__name__} must define initial_guess(self, *xs) returning y0 of "
+                                  f"shape (b, ...)")
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def _flat_T(self, xs: tuple, shape: torch.Size) -> FlatMap:
+        return _flat_map(lambda y: self.T(*xs, y=y), shape, f"{type(self).__name__}.T")
+
+    def solve(self, *xs: Any) -> tuple[Tensor, dict]:
+        """Find the fixed point with the forward solver from :meth:`initial_guess`: returns ``(y, ctx)`` with
+        ``ctx`` holding the per-element ``converged``, ``iterations`` and ``residual``."""
+        with torch.no_grad():
+            xs = _detach_all(xs)
+            y0 = _check_y(self.initial_guess(*xs), f"{type(self).__name__}.initial_guess")
+            shape = y0.shape
+            f = self._flat_T(xs, shape)
+            solver = self.forward_solver if callable(self.forward_solver) else FORWARD_SOLVERS[self.forward_solver]
+            kwargs: dict = {"tol": self.tol, "max_iter": self.max_iter, "damping": self.damping}
+            if self.memory is not None:
+                kwargs["memory"] = self.memory
+            res = solver(f, y0.reshape(shape[0], -1), **kwargs)
+        return res.y.reshape(shape), {"converged": res.converged, "iterations": res.iterations,
+                                      "residual": res.residual}
+
+    def _diagnose(self, xs: tuple, y: Tensor, ctx: dict) -> Diagnostics:
+        b = y.shape[0]
+        if ctx.get("residual") is None:
+            with torch.no_grad():
+                f = self._flat_T(_detach_all(xs), y.shape)
+                yf = y.reshape(b, -1)
+                ctx["residual"] = _fp_residual(f(yf), yf)
+        residual = ctx["residual"]
+        tol = default_tol(y.dtype) if self.tol is None else self.tol
+        converged = ctx.get("converged")
+        if converged is None:
+            converged = residual <= tol
+        iterations = ctx.get("iterations")
+        if iterations is None:
+            iterations = torch.zeros(b, dtype=torch.long, device=y.device)
+        diag = Diagnostics(residual=residual, constraint_violation=torch.zeros_like(residual), converged=converged,
+                           iterations=iterations)
+        if not bool(converged.all()) and self.on_failure != "ignore":
+            bad = ~converged
+            msg = (f"{type(self).__name__}: the fixed-point iteration ({self._solver_name()}) did not converge at "
+                   f"batch elements {element_list(bad)} (relative residual ||T(y) - y|| / (1 + ||T(y)||) up to "
+                   f"{float(residual[bad].max()):.3g} after {self.max_iter} iterations, tolerance {tol:.1g}); the "
+                   f"best iterate is returned and gradients there are not reliable")
+            diag.messages = [msg]
+            report(self.on_failure, msg, ConvergenceWarning, stacklevel=5)
+        return diag
+
+    def _solver_name(self) -> str:
+        fs = self.forward_solver
+        return fs if isinstance(fs, str) else getattr(fs, "__name__", type(fs).__name__)
+
+    # ---- backward -----------------------------------------------------------------------------------------------
+    def _implicit_gradient(self, xs: tuple, y: Tensor, v: Tensor, ctx: Optional[dict], need: list
+                           ) -> tuple[Optional[Tensor], ...]:
+        r"""``J_xᵀ u`` with ``(I - J_y)ᵀ u = v`` for the floating-point tensor inputs with ``need[i]`` (``None``
+        for the others); :meth:`gradient` and the autograd backward call it."""
+        if not any(need):
+            return (None,) * len(xs)
+        if v.shape != y.shape:
+            raise DDNError(f"{type(self).__name__}: incoming gradient has shape {tuple(v.shape)} but y has shape "
+                           f"{tuple(y.shape)}")
+        if self.phantom is not None:
+            method, opts = "phantom", {"steps": self.phantom}
+        else:
+            method, opts = self.backward_solver, {"tol": self.linear_tol, "max_iter": self.linear_max_iter,
+                                                  "restart": self.backward_restart}
+        return _implicit_vjp(self, self.T, "fixed_point", method, xs, y, v.to(y.dtype),
+                             "(I - ∂T/∂y)ᵀ u = v", "I - ∂T/∂y is singular (T is not contractive at the fixed point; "
+                             "the implicit function theorem does not apply)", need=need, damping=self.damping,
+                             **opts)
+
+
+class _FunctionalFixedPointNode(FixedPointNode):
+    """A :class:`FixedPointNode` from a plain function ``T(*xs, y)`` and a starting point (see :func:`fixed_point`)."""
+
+    def __init__(self, T: Callable[..., Tensor], y0: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._T = T
+        self._y0 = y0
+
+    def T(self, *xs: Any, y: Tensor) -> Tensor:  # noqa: N802
+        return self._T(*xs, y)
+
+    def initial_guess(self, *xs: Any) -> Tensor:
+        return self._y0(*xs) if callable(self._y0) else self._y0
+
+
+def fixed_point(T: Callable[..., Tensor], *xs: Any, y0: Any, **options: Any) -> Tensor:
+    r"""Differentiable fixed point ``y = T(*xs, y)`` (functional form of :class:`FixedPointNode`).
+
+    Args:
+        T: ``T(*xs, y) -> (b, ...)``, batched, same shape as ``y``.
+        xs: inputs with a leading batch dimension ``b``; floating-point tensors receive gradients
+            ``J_xᵀ (I - J_y)⁻ᵀ v``.
+        y0: starting point ``(b, ...)`` (a tensor, or a callable ``y0(*xs)``).
+        options: any :class:`FixedPointNode` argument (``forward_solver``, ``tol``, ``backward_solver``,
+            ``phantom``, ...).
+
+    Returns:
+        ``y`` of ``y0``'s shape. Cost: the forward solver's iterations (no graph is kept) and, in the backward, one
+        adjoint solve plus one VJP of ``T``.
+    """
+    node = _FunctionalFixedPointNode(T, y0, **options)
+    return DeclarativeFunction.apply(node, *xs)
