@@ -81,9 +81,19 @@ class DeclarativeFunction:
         return _call(node, *xs)
 
 
-@torch.compiler.disable
-def _call(node: DeclarativeNode, *xs: Any) -> Tensor:
+def _apply(node: DeclarativeNode, *xs: Any) -> Tensor:
     return _DeclarativeFunction.apply(node, _Holder(), *xs)
+
+
+_compiled_guard: Any = None
+
+
+def _call(node: DeclarativeNode, *xs: Any) -> Tensor:
+    """Apply the function outside any ``torch.compile`` graph (a graph break; the solver is Python code)."""
+    global _compiled_guard
+    if _compiled_guard is None:  # importing the compiler is slow: do it on first use
+        _compiled_guard = torch.compiler.disable(_apply)
+    return _compiled_guard(node, *xs)
 
 
 class DeclarativeLayer(nn.Module):

@@ -38,6 +38,12 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted(_LAZY)
 
+# Modules named like their function: bind the function eagerly, since importing the submodule would otherwise set
+# the package attribute to the module.
+from torchddn.nodes.pnp import pnp  # noqa: E402
+from torchddn.nodes.qp import qp  # noqa: E402
+from torchddn.nodes.robust_pool import robust_pool  # noqa: E402
+
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
