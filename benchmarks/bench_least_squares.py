@@ -1,0 +1,3 @@
+from torchddn.bench.least_squares import main
+
+main()

@@ -1,0 +1,3 @@
+from torchddn.bench.sinkhorn import main
+
+main()
