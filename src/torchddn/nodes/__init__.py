@@ -40,6 +40,7 @@ __all__ = sorted(_LAZY)
 
 # Modules named like their function: bind the function eagerly, since importing the submodule would otherwise set
 # the package attribute to the module.
+from torchddn.nodes.analytic_centre import analytic_centre  # noqa: E402
 from torchddn.nodes.pnp import pnp  # noqa: E402
 from torchddn.nodes.qp import qp  # noqa: E402
 from torchddn.nodes.robust_pool import robust_pool  # noqa: E402

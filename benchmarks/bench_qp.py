@@ -1,0 +1,3 @@
+from torchddn.bench.qp import main
+
+main()

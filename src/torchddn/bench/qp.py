@@ -1,0 +1,170 @@
+"""QP layer benchmark: forward + backward against qpth and cvxpylayers, with gradient errors measured against
+the exact active-set KKT gradient.
+
+Problem: b = 64 random strictly feasible convex QPs, n = 50 variables, 50 inequalities, float64, CPU.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from torchddn.nodes.qp import qp
+
+
+def _problem(B: int, n: int, m: int, seed: int = 0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(B, n, n, generator=g, dtype=torch.float64)
+    Q = L @ L.mT / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    p = torch.randn(B, n, generator=g, dtype=torch.float64)
+    G = torch.randn(B, m, n, generator=g, dtype=torch.float64)
+    z0 = torch.randn(B, n, generator=g, dtype=torch.float64)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, m, generator=g, dtype=torch.float64)
+    w = torch.randn(B, n, generator=g, dtype=torch.float64)
+    return tuple(t.to(device) for t in (Q, p, G, h, w))
+
+
+def _exact_gradients(Q, p, G, h, w):
+    """Gradients of sum(w * z) by autograd through the active-set KKT system (active set from a tight solve)."""
+    z, lam, _ = qp(Q, p, G, h, return_multipliers=True, tol=1e-13, on_failure="ignore")
+    s = h - (G @ z.unsqueeze(-1)).squeeze(-1)
+    a = (lam > s).to(Q.dtype)
+    B, n = p.shape
+    args = [t.clone().requires_grad_() for t in (Q, p, G, h)]
+    Qa, pa, Ga, ha = args
+    K = torch.cat([torch.cat([0.5 * (Qa + Qa.mT), Ga.mT * a.unsqueeze(-2)], -1),
+                   torch.cat([a.unsqueeze(-1) * Ga, torch.diag_embed(1 - a)], -1)], -2)
+    sol = torch.linalg.solve(K, torch.cat([-pa, a * ha], -1).unsqueeze(-1)).squeeze(-1)
+    (sol[:, :n] * w).sum().backward()
+    return [t.grad for t in args]
+
+
+def _time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _grad_error(grads, ref) -> float:
+    scale = max(float(r.abs().max()) for r in ref)
+    return max(float((g - r).abs().max()) for g, r in zip(grads, ref)) / scale
+
+
+def _ours(Q, p, G, h, w):
+    args = [t.clone().requires_grad_() for t in (Q, p, G, h)]
+    z = qp(*args)
+    (z * w).sum().backward()
+    return [t.grad for t in args]
+
+
+def _qpth_runner():
+    from qpth.qp import QPFunction, QPSolvers
+
+    def run(Q, p, G, h, w):
+        args = [t.clone().requires_grad_() for t in (Q, p, G, h)]
+        e = torch.empty(0, dtype=Q.dtype, device=Q.device)
+        z = QPFunction(verbose=-1, solver=QPSolvers.PDIPM_BATCHED)(*args, e, e)
+        (z * w).sum().backward()
+        return [t.grad for t in args]
+
+    return run
+
+
+def _cvxpylayers_runner(n: int, m: int):
+    import cvxpy as cp
+    from cvxpylayers.torch import CvxpyLayer
+
+    z = cp.Variable(n)
+    Lp, pp, Gp, hp = cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter((m, n)), cp.Parameter(m)
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Lp @ z) + pp @ z), [Gp @ z <= hp])
+    layer = CvxpyLayer(prob, parameters=[Lp, pp, Gp, hp], variables=[z])
+
+    def run(Q, p, G, h, w):
+        args = [t.clone().requires_grad_() for t in (Q, p, G, h)]
+        Lt = torch.linalg.cholesky(0.5 * (args[0] + args[0].mT)).mT  # Q = L^T L
+        (zs,) = layer(Lt, args[1], args[2], args[3])
+        (zs * w).sum().backward()
+        return [t.grad for t in args]
+
+    return run
+
+
+def run(quick: bool = False, device: str = "cpu", threads: int | None = 1) -> list[dict]:
+    """QP forward + backward, b=64, n=50, m=50, float64; ratio = peer time / our time.
+
+    All methods run under the same ``torch.set_num_threads(threads)`` (default 1: reproducible on shared
+    machines; ``None`` keeps the current setting)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(quick, device, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(quick: bool, device: str, threads: int | None) -> list[dict]:
+    B, n, m = 64, 50, 50
+    Q, p, G, h, w = _problem(B, n, m, device=device)
+    ref = _exact_gradients(Q, p, G, h, w)
+    repeats = 3 if quick else 10
+    rows = []
+    t_ours = _time(lambda: _ours(Q, p, G, h, w), repeats)
+    err_ours = _grad_error(_ours(Q, p, G, h, w), ref)
+    base = {"benchmark": f"qp fwd+bwd b={B} n={n} m={m} float64 {device} threads={threads or torch.get_num_threads()}"}
+    rows.append({**base, "baseline": "torchddn (self)", "ratio": 1.0, "ours_ms": 1e3 * t_ours,
+                 "baseline_ms": 1e3 * t_ours, "grad_err": err_ours, "baseline_grad_err": err_ours, "note": ""})
+    peers = [("qpth", _qpth_runner, ()), ("cvxpylayers", _cvxpylayers_runner, (n, m))]
+    for name, make, extra in peers:
+        try:
+            runner = make(*extra)
+        except Exception as exc:  # the peer is optional: report why it is skipped
+            rows.append({**base, "baseline": name, "ratio": float("nan"), "ours_ms": 1e3 * t_ours,
+                         "baseline_ms": float("nan"), "grad_err": err_ours, "baseline_grad_err": float("nan"),
+                         "note": f"skipped: {type(exc).__name__}: {exc}"})
+            continue
+        try:
+            peer_repeats = (1 if quick else 3) if name == "cvxpylayers" else repeats
+            t_peer = _time(lambda: runner(Q, p, G, h, w), peer_repeats)
+            err_peer = _grad_error(runner(Q, p, G, h, w), ref)
+            note = ""
+        except Exception as exc:
+            t_peer, err_peer, note = float("nan"), float("nan"), f"failed: {type(exc).__name__}: {exc}"
+        rows.append({**base, "baseline": name, "ratio": t_peer / t_ours, "ours_ms": 1e3 * t_ours,
+                     "baseline_ms": 1e3 * t_peer, "grad_err": err_ours, "baseline_grad_err": err_peer,
+                     "note": note})
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    try:
+        from torchddn.bench.common import print_table
+    except ImportError:
+        keys = list(rows[0])
+        print(" | ".join(keys))
+        for r in rows:
+            print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+        return
+    print_table(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every method (0: keep default)")
+    args = parser.parse_args(argv)
+    _print(run(quick=args.quick, device=args.device, threads=args.threads or None))
+
+
+if __name__ == "__main__":
+    main()
