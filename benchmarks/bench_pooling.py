@@ -1,0 +1,3 @@
+from torchddn.bench.pooling import main
+
+main()

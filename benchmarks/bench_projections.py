@@ -1,0 +1,3 @@
+from torchddn.bench.projections import main
+
+main()
