@@ -1,0 +1,3 @@
+from torchddn.bench.pointnet import main
+
+main()
