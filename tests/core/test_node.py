@@ -197,3 +197,12 @@ def test_y_of_any_shape():
     assert gradcheck(layer, (x,))
     y = layer(x)
     torch.testing.assert_close(y + y ** 3, x.detach(), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gamma_damping(mode):
+    """backward with H + gamma I: for the diagonal quadratic, dy/dc becomes 1 / (exp(a) + gamma)."""
+    a, c = CASES["input_hessian_quadratic"][2]
+    v = torch.randn_like(c)
+    _, (_, gc) = _grads(ddn.DeclarativeLayer(P.InputHessianQuadratic(backward=mode, gamma=0.5)), (a, c), v)
+    torch.testing.assert_close(gc, v / (torch.exp(a) + 0.5))
