@@ -266,15 +266,26 @@ def test_nonregular_welsch_bifurcation_warns_and_returns_zero():
 
 
 def test_huber_flat_minimum_is_a_minimiser_with_finite_gradient():
-    """Two far groups with Huber: the minimum is flat on [1.5, 8.5]; any point there is optimal. The solver
-    returns an end of the flat region, where the (one-sided) gradient is that of the inlier there."""
+    """Two far groups with Huber: the minimum is flat on [1.5, 8.5]; any point there is optimal. The solver starts
+    from the mean (5.0, inside the flat region, where H = 0), so the minimiser is not isolated: the backward returns
+    the minimum-norm (zero) gradient and warns, never NaN. One group moved slightly breaks the flatness and the
+    gradient is the inlier average of the group that holds y."""
     x = torch.tensor([[0.0, 0.5, 9.5, 10.0]], dtype=D, requires_grad=True)
     y = robust_pool(x, "huber", 1.0)
     assert 1.5 - 1e-12 <= float(y) <= 8.5 + 1e-12
     pen = Huber()
     assert float(objective(pen, x.detach(), y.detach()[:, None], 1.0)) <= float(grid_min(pen, x.detach(), 1.0)) + 1e-12
-    (gx,) = torch.autograd.grad(y.sum(), x)
-    assert torch.isfinite(gx).all() and abs(float(gx.sum()) - 1) < 1e-12
+    with pytest.warns(NonRegularWarning, match="vanishes"):
+        (gx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(gx).all() and float(gx.abs().max()) == 0.0
+    # three points on the left: the left group wins, the minimiser is unique (y = 11/12, within alpha of the three
+    # left points) and dy/dx_i = 1/3 on each of them, 0 on the two outliers
+    x2 = torch.tensor([[0.0, 0.5, 0.25, 9.5, 10.0]], dtype=D, requires_grad=True)
+    y2 = robust_pool(x2, "huber", 1.0)
+    assert float(objective(pen, x2.detach(), y2.detach()[:, None], 1.0)) <= float(grid_min(pen, x2.detach(), 1.0)) + 1e-12
+    assert abs(float(y2) - 11 / 12) < 1e-12
+    (gx2,) = torch.autograd.grad(y2.sum(), x2)
+    assert torch.allclose(gx2, torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0, 0.0]], dtype=D), atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
