@@ -108,8 +108,12 @@ def test_harness_runs_fake_registry(fake_registry, tmp_path, capsys):
     assert "run()" in skipped["norun"]
     for name in skipped:
         assert f"skipping {name}" in printed or f"{name} failed" in printed
-    # one table with the ratios, and the charts
+    # one table with the ratios, the same as Markdown (one line per row, skipped ones with the reason), and charts
     assert "ratio" in printed and "fake solve" in printed and "other" in printed
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| benchmark | baseline | ratio |") and len(md) == 2 + len(data["rows"])
+    assert sum("skipped:" in line for line in md) == 5
+    assert any("| 10 |" in line or "| 10.0 |" in line for line in md)
     for png in ("ratios.png", "scaling.png"):
         blob = (out / png).read_bytes()
         assert blob[:8] == PNG_MAGIC and len(blob) > 2000

@@ -25,7 +25,7 @@ import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 from . import REGISTRY
-from .common import machine_config, print_table, resolve_device, write_results
+from .common import format_value, machine_config, print_table, resolve_device, write_results
 
 __all__ = ["add_arguments", "main", "run_suite", "plot_ratios", "plot_scaling", "TIME_KEYS"]
 
@@ -277,6 +277,10 @@ def main(args: argparse.Namespace) -> int:
     out = args.out
     path = write_results(out, rows, config)
     print(f"wrote {path}")
+    md = os.path.join(out, "results.md")
+    with open(md, "w", encoding="utf-8") as fh:
+        fh.write(markdown_table(rows) + "\n")
+    print(f"wrote {md}")
     if not getattr(args, "no_plots", False):
         title = f"torchddn bench ({'quick' if quick else 'full'}, {args.device})"
         for written in (plot_ratios(rows, os.path.join(out, "ratios.png"), title),
@@ -284,6 +288,32 @@ def main(args: argparse.Namespace) -> int:
             if written:
                 print(f"wrote {written}")
     return 0
+
+
+#: columns that :func:`markdown_table` shows on their own; every other numeric key goes into ``notes``
+_MD_MAIN = ("benchmark", "baseline", "ratio", "size", "ours_ms", "baseline_ms")
+_MD_SKIP = {"module", "note", "skipped"}
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as a Markdown table (benchmark, baseline, ratio, size, times, notes), e.g. for the docs.
+
+    ``notes`` collects the remaining keys of each row (memory, gradient errors, ...) as ``key=value``; skipped
+    benchmarks are listed with the reason."""
+    head = "| " + " | ".join(_MD_MAIN) + " | notes |"
+    lines = [head, "|" + "---|" * (len(_MD_MAIN) + 1)]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r.get('benchmark', '?')} | - | - | - | - | - | skipped: {r['skipped']} |")
+            continue
+        cells = [format_value(r.get(c)) for c in _MD_MAIN]
+        notes = [f"{k}={format_value(v)}" for k, v in r.items()
+                 if k not in _MD_MAIN and k not in _MD_SKIP and v not in (None, "", "-")]
+        if r.get("note"):
+            notes.append(str(r["note"]))
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " | "
+                     + ", ".join(notes).replace("|", "/") + " |")
+    return "\n".join(lines)
 
 
 def _table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
