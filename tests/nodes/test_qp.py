@@ -301,3 +301,126 @@ def test_bad_inputs():
     Qa[0, 0, 1] += 1.0
     with pytest.raises(DDNError, match=r"symmetric at batch elements \[0\]"):
         qp(Qa, p, G, h)
+
+
+def _dense_adjoint(Q, G, A, s, lam, gz, glam, gnu):
+    """Reference for the backward's linear algebra: the unreduced adjoint system
+    [[Q, -G^T, A^T], [G, diag(s / lam), 0], [A, 0, 0]] [w_z; u; w_nu] = [g_z; g_lam; g_nu], its middle rows scaled
+    by min(1, lam / s), solved densely."""
+    B, n = gz.shape
+    m, k = glam.shape[-1], gnu.shape[-1]
+    c = torch.minimum(lam / s, torch.ones_like(s))
+    K = torch.zeros(B, n + m + k, n + m + k, dtype=gz.dtype)
+    K[:, :n, :n] = Q
+    K[:, :n, n:n + m] = -G.mT
+    K[:, :n, n + m:] = A.mT
+    K[:, n:n + m, :n] = c.unsqueeze(-1) * G
+    K[:, n:n + m, n:n + m] = torch.diag_embed(c * s / lam)
+    K[:, n + m:, :n] = A
+    sol = torch.linalg.solve(K, torch.cat([gz, c * glam, gnu], -1))
+    return sol[:, :n], sol[:, n:n + m], sol[:, n + m:]
+
+
+@pytest.mark.parametrize("k,variant", [(0, "psd"), (2, "psd"), (0, "indefinite"), (0, "no_cap"), (2, "no_cap")])
+def test_adjoint_solver_matches_dense_solve(k, variant, monkeypatch):
+    # Complementary pairs from the end of an interior point run: active constraints with slack ~1e-12 and
+    # inactive ones with multiplier ~1e-12, plus a moderate pair. With an indefinite Q the reduced matrix is not
+    # positive definite (LU instead of Cholesky); with the cap on D at 1 the refinement cannot converge and the
+    # solver must fall back to the LU factorisation of the unreduced matrix.
+    import importlib
+
+    from torchddn.nodes.qp import _adjoint
+
+    qp_module = importlib.import_module("torchddn.nodes.qp")  # (torchddn.nodes.qp is also the function's name)
+
+    fallbacks = []
+    augmented = qp_module._augmented_kkt
+    monkeypatch.setattr(qp_module, "_augmented_kkt", lambda *a: fallbacks.append(1) or augmented(*a))
+
+    B, n, m = 3, 6, 8
+    Q, _, G, _, A, _ = random_qp(B, n, m, k, seed=30)
+    A = Q.new_zeros(B, 0, n) if A is None else A
+    if variant == "indefinite":
+        Q = Q - 20.0 * torch.eye(n, dtype=D)
+    g = torch.Generator().manual_seed(31)
+    small = 10 ** (-12 + 2 * torch.rand(B, m, generator=g, dtype=D))
+    big = 0.5 + torch.rand(B, m, generator=g, dtype=D)
+    active = torch.arange(m) % 2 == 0
+    s = torch.where(active, small, big)
+    lam = torch.where(active, big, small)
+    s[:, -1], lam[:, -1] = 1e-3, 2e-3  # moderate
+    gz, glam, gnu = (torch.randn(B, r, generator=g, dtype=D) for r in (n, m, k))
+    M = torch.cat([Q, A, G], -2)
+    mags = torch.stack([t.abs().reshape(B, -1).amax(-1) if t.numel() else Q.new_zeros(B) for t in (Q, G, A)], -1)
+    if variant == "no_cap":
+        mags[:, 0] = 0.0  # max |Q| enters the cap on D as 1e7 max|Q| / max|G|^2 (at least 1)
+    got = _adjoint(M, s, lam, gz, glam, gnu, mags)
+    ref = _dense_adjoint(Q, G, A, s, lam, gz, glam, gnu)
+    for a, r in zip(got, ref):
+        if r.numel():
+            assert torch.allclose(a, r, atol=1e-9 * float(r.abs().max()), rtol=1e-9), (a - r).abs().max()
+    assert bool(fallbacks) == (variant == "no_cap")
+
+
+def test_gradient_matches_active_set_larger_batch():
+    # Sizes like the benchmark's, where most constraints end with a multiplier/slack ratio far beyond 1e6.
+    B, n, m = 4, 30, 30
+    Q, p, G, h, _, _ = random_qp(B, n, m, seed=32)
+    w = torch.randn(B, n, generator=torch.Generator().manual_seed(33), dtype=D)
+    z, gr = grads_of(lambda *a: qp(*a), (Q, p, G, h), w)
+    for i in range(B):
+        active = (G[i] @ z[i] - h[i]).abs() < 1e-7
+        _, gref = grads_of(lambda *a: active_set_solution(*a, None, None, active), (Q[i], p[i], G[i], h[i]), w[i])
+        scale = max(float(t.abs().max()) for t in gref)
+        for got, exp in zip(gr, gref):
+            assert (got[i] - exp).abs().max() <= 1e-7 * scale
+
+
+def test_lp_like_gradient():
+    # Q = 0: the reduced matrix comes only from the constraints (the cap on D is then 1).
+    B, n = 3, 3
+    _, p, _, _, _, _ = random_qp(B, n, 1, seed=34)
+    Q = torch.zeros(B, n, n, dtype=D)
+    G = torch.cat([torch.eye(n, dtype=D), -torch.eye(n, dtype=D)]).expand(B, 2 * n, n)
+    h = torch.ones(B, 2 * n, dtype=D)
+    w = torch.randn(B, n, generator=torch.Generator().manual_seed(35), dtype=D)
+    z, gr = grads_of(lambda *a: qp(*a), (Q, p, G, h), w)
+    assert torch.allclose(z, -torch.sign(p), atol=1e-8)  # the vertex opposite to p
+    for i in range(B):
+        active = (G[i] @ z[i] - h[i]).abs() < 1e-7
+        _, gref = grads_of(lambda *a: active_set_solution(*a, None, None, active), (Q[i], p[i], G[i], h[i]), w[i])
+        for got, exp in zip(gr, gref):
+            assert torch.allclose(got[i], exp, atol=1e-8), (got[i] - exp).abs().max()
+
+
+def test_tight_tolerance_converges():
+    Q, p, G, h, A, b = random_qp(8, 20, 30, 3, seed=21)
+    dg = Diagnostics()
+    z, lam, nu = qp(Q, p, G, h, A, b, tol=1e-13, return_multipliers=True, diagnostics=dg, on_failure="raise")
+    assert dg.converged.all()
+    stat = (Q @ z.unsqueeze(-1)).squeeze(-1) + p + (G.mT @ lam.unsqueeze(-1)).squeeze(-1) \
+        + (A.mT @ nu.unsqueeze(-1)).squeeze(-1)
+    assert stat.abs().max() < 1e-11
+
+
+def test_repeated_and_concurrent_calls_agree():
+    # The solver reuses scratch memory across calls (per thread): results must not depend on other calls.
+    import threading
+
+    data = [random_qp(4, 6, 9, i % 2, seed=40 + i) for i in range(4)]
+    ref = [qp(*d) for d in data]
+    first = ref[0].clone()
+    out = [None] * len(data)
+
+    def work(i):
+        for _ in range(3):
+            out[i] = qp(*data[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(data))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(ref[0], first)
+    for r, o in zip(ref, out):
+        assert torch.allclose(r, o, atol=1e-12, rtol=0)
