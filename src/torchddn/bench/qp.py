@@ -1,7 +1,8 @@
 """QP layer benchmark: forward + backward against qpth and cvxpylayers, with gradient errors measured against
 the exact active-set KKT gradient.
 
-Problem: b = 64 random strictly feasible convex QPs, n = 50 variables, 50 inequalities, float64, CPU.
+Problem: b = 64 random strictly feasible convex QPs, n = 50 variables, 50 inequalities, float64, CPU. The methods
+are timed interleaved (one call of each per round) and the ratio is the median of the per-round ratios.
 """
 from __future__ import annotations
 
@@ -111,35 +112,47 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = 1) -> li
 
 
 def _run(quick: bool, device: str, threads: int | None) -> list[dict]:
+    """Interleaved timing: every round times ours and then each available peer once, and the ratio reported is
+    the median over rounds of ``peer time / our time``. Timing the methods back to back within a round cancels
+    slow drifts of the machine's speed (shared or throttled CPUs), which separate blocks of repeats do not."""
     B, n, m = 64, 50, 50
     Q, p, G, h, w = _problem(B, n, m, device=device)
     ref = _exact_gradients(Q, p, G, h, w)
-    repeats = 3 if quick else 10
-    rows = []
-    t_ours = _time(lambda: _ours(Q, p, G, h, w), repeats)
-    err_ours = _grad_error(_ours(Q, p, G, h, w), ref)
+    rounds = 3 if quick else 10
     base = {"benchmark": f"qp fwd+bwd b={B} n={n} m={m} float64 {device} threads={threads or torch.get_num_threads()}"}
-    rows.append({**base, "baseline": "torchddn (self)", "ratio": 1.0, "ours_ms": 1e3 * t_ours,
-                 "baseline_ms": 1e3 * t_ours, "grad_err": err_ours, "baseline_grad_err": err_ours, "note": ""})
-    peers = [("qpth", _qpth_runner, ()), ("cvxpylayers", _cvxpylayers_runner, (n, m))]
-    for name, make, extra in peers:
+    runners: dict[str, Callable] = {"torchddn": _ours}
+    notes: dict[str, str] = {}
+    errors: dict[str, float] = {}
+    for name, make, extra in (("qpth", _qpth_runner, ()), ("cvxpylayers", _cvxpylayers_runner, (n, m))):
         try:
-            runner = make(*extra)
+            runners[name] = make(*extra)
         except Exception as exc:  # the peer is optional: report why it is skipped
+            notes[name] = f"skipped: {type(exc).__name__}: {exc}"
+    for name in list(runners):
+        try:
+            errors[name] = _grad_error(runners[name](Q, p, G, h, w), ref)  # also the warm-up call
+        except Exception as exc:
+            notes[name] = f"failed: {type(exc).__name__}: {exc}"
+            del runners[name]
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            times[name].append(_time(lambda: fn(Q, p, G, h, w), 1, warmup=0))
+    t_ours = statistics.median(times["torchddn"])
+    err_ours = errors["torchddn"]
+    rows = [{**base, "baseline": "torchddn (self)", "ratio": 1.0, "ours_ms": 1e3 * t_ours, "baseline_ms": 1e3 * t_ours,
+             "grad_err": err_ours, "baseline_grad_err": err_ours, "rounds": rounds, "note": ""}]
+    for name in ("qpth", "cvxpylayers"):
+        if name in runners:
+            ratios = [tp / to for tp, to in zip(times[name], times["torchddn"])]
+            rows.append({**base, "baseline": name, "ratio": statistics.median(ratios),
+                         "ratio_min": min(ratios), "ours_ms": 1e3 * t_ours,
+                         "baseline_ms": 1e3 * statistics.median(times[name]), "grad_err": err_ours,
+                         "baseline_grad_err": errors[name], "rounds": rounds, "note": ""})
+        else:
             rows.append({**base, "baseline": name, "ratio": float("nan"), "ours_ms": 1e3 * t_ours,
                          "baseline_ms": float("nan"), "grad_err": err_ours, "baseline_grad_err": float("nan"),
-                         "note": f"skipped: {type(exc).__name__}: {exc}"})
-            continue
-        try:
-            peer_repeats = (1 if quick else 3) if name == "cvxpylayers" else repeats
-            t_peer = _time(lambda: runner(Q, p, G, h, w), peer_repeats)
-            err_peer = _grad_error(runner(Q, p, G, h, w), ref)
-            note = ""
-        except Exception as exc:
-            t_peer, err_peer, note = float("nan"), float("nan"), f"failed: {type(exc).__name__}: {exc}"
-        rows.append({**base, "baseline": name, "ratio": t_peer / t_ours, "ours_ms": 1e3 * t_ours,
-                     "baseline_ms": 1e3 * t_peer, "grad_err": err_ours, "baseline_grad_err": err_peer,
-                     "note": note})
+                         "rounds": rounds, "note": notes.get(name, "")})
     return rows
 
 
