@@ -44,6 +44,7 @@ __all__ = [
     "cpu_info",
     "synchronize",
     "resolve_device",
+    "module_main",
 ]
 
 
@@ -180,11 +181,6 @@ def peak_memory(fn: Callable[[], Any], device: str | torch.device | None = "cpu"
     for t in _tensors_in(out):
         seen.setdefault(_storage_key(t), _storage_bytes(t))
     return int(sum(seen.values()))
-
-
-def graph_memory(fn: Callable[[], Any], device: str | torch.device | None = "cpu") -> int:
-    """The memory an autograd graph built by ``fn()`` holds; the same measurement as :func:`peak_memory`."""
-    return peak_memory(fn, device)
 
 
 def format_value(value: Any) -> str:
@@ -366,3 +362,18 @@ def graph_memory(fn: Callable[[], Any], device: str | torch.device | None = "cpu
             seen.setdefault(_storage_key(t), _storage_bytes(t))
         stack.extend(fn_ for fn_, _ in getattr(node, "next_functions", ()))
     return int(sum(seen.values()))
+
+
+def module_main(run: Callable[..., list], doc: str | None, argv: Sequence[str] | None = None,
+                configure: Callable[[Any], None] | None = None) -> None:
+    """Command line of one benchmark module: ``--quick``, ``--device`` (plus what ``configure(parser)`` adds);
+    calls ``run(quick=..., device=..., **extra options)`` and prints its rows with :func:`print_table`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    if configure is not None:
+        configure(parser)
+    args = vars(parser.parse_args(argv))
+    print_table(run(**args))

@@ -13,14 +13,13 @@ difference. Run: ``python benchmarks/bench_core.py [--quick]`` or ``torchddn ben
 """
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
 from torch import Tensor
 
 import torchddn as ddn
-from torchddn.bench.common import print_table, timeit
+from torchddn.bench.common import module_main, timeit
 
 
 class PseudoHuberRegression(ddn.DeclarativeNode):
@@ -117,11 +116,7 @@ def run(quick: bool = False, device: str = "cpu", sizes: tuple[int, ...] | None 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    print_table(run(quick=args.quick, device=args.device))
+    module_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

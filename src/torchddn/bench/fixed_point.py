@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import torchddn as ddn
-from torchddn.bench.common import peak_memory, print_table, resolve_device, timeit
+from torchddn.bench.common import module_main, peak_memory, resolve_device, timeit
 from torchddn.fixed_point import FixedPointNode, anderson, broyden, picard
 from torchddn.root import RootNode
 
@@ -115,9 +115,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     return rows
 
 
-def main(quick: bool = False, device: str = "cpu") -> None:
-    import sys
-    print_table(run(quick=quick or "--quick" in sys.argv, device=device))
+def main(argv: list[str] | None = None) -> None:
+    module_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from torchddn.bench.common import peak_memory, print_table, resolve_device, timeit
+from torchddn.bench.common import module_main, peak_memory, resolve_device, timeit
 from torchddn.nodes.least_squares import weighted_least_squares
 
 
@@ -63,14 +63,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     return rows
 
 
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    print_table(run(quick=args.quick, device=args.device))
+def main(argv: list[str] | None = None) -> None:
+    module_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from torchddn.apps.data import add_outliers
 from torchddn.apps.models import PointNet
-from torchddn.bench.common import print_table, resolve_device, timeit
+from torchddn.bench.common import module_main, resolve_device, timeit
 
 PENALTIES = ("quadratic", "pseudo_huber", "huber", "welsch", "truncated_quadratic")
 
@@ -55,14 +55,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cpu")
-    a = p.parse_args()
-    print_table(run(quick=a.quick, device=a.device))
+def main(argv: list[str] | None = None) -> None:
+    module_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchddn.bench.common import print_table, resolve_device, timeit
+from torchddn.bench.common import module_main, resolve_device, timeit
 from torchddn.nodes.projections import project
 
 
@@ -74,13 +74,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    print_table(run(quick=args.quick, device=args.device))
+    module_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

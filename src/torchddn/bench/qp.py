@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from torchddn.bench.common import module_main
 from torchddn.nodes.qp import qp
 
 
@@ -103,6 +104,7 @@ def run(quick: bool = False, device: str = "cpu", threads: int | None = 1) -> li
     All methods run under the same ``torch.set_num_threads(threads)`` (default 1: reproducible on shared
     machines; ``None`` keeps the current setting)."""
     previous = torch.get_num_threads()
+    threads = threads or None  # 0 or None: keep the current setting
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -156,27 +158,11 @@ def _run(quick: bool, device: str, threads: int | None) -> list[dict]:
     return rows
 
 
-def _print(rows: list[dict]) -> None:
-    try:
-        from torchddn.bench.common import print_table
-    except ImportError:
-        keys = list(rows[0])
-        print(" | ".join(keys))
-        for r in rows:
-            print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
-        return
-    print_table(rows)
-
-
 def main(argv: list[str] | None = None) -> None:
-    import argparse
+    def configure(parser) -> None:
+        parser.add_argument("--threads", type=int, default=1, help="torch threads for every method (0: keep default)")
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for every method (0: keep default)")
-    args = parser.parse_args(argv)
-    _print(run(quick=args.quick, device=args.device, threads=args.threads or None))
+    module_main(run, __doc__, argv, configure)
 
 
 if __name__ == "__main__":

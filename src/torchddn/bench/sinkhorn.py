@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from torchddn.bench.common import peak_memory, print_table, resolve_device, timeit
+from torchddn.bench.common import module_main, peak_memory, resolve_device, timeit
 from torchddn.nodes.optimal_transport import _log_sinkhorn, sinkhorn
 
 GAMMA = 30.0
@@ -75,14 +75,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     return rows
 
 
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    print_table(run(quick=args.quick, device=args.device))
+def main(argv: list[str] | None = None) -> None:
+    module_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

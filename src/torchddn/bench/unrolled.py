@@ -8,14 +8,13 @@ Run: ``python benchmarks/bench_unrolled.py [--quick]`` or ``torchddn bench --onl
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 import torchddn as ddn
-from torchddn.bench.common import graph_memory, print_table, timeit
+from torchddn.bench.common import graph_memory, module_main, timeit
 from torchddn.bench.core import PseudoHuberRegression, _problem
 from torchddn.solvers import Problem, SolverResult
 from torchddn.solvers.base import batch_grad
@@ -67,11 +66,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    print_table(run(quick=args.quick, device=args.device))
+    module_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
