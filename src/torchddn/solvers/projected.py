@@ -102,6 +102,31 @@ def _check_project(problem: Problem) -> Projection:
     return problem.project
 
 
+def _start(problem: Problem, y0: Tensor, tol: float, max_iter: int):
+    """Shared start of the projected methods: checks, the projected starting point, its value and gradient,
+    and the per-element state (iterations, converged, failed, stationarity residual)."""
+    check_inputs(y0, tol, max_iter)
+    proj = _check_project(problem)
+    tol_e = effective_tol(tol, y0.dtype)
+    obj = problem.objective
+    with torch.no_grad():
+        y = proj(y0.detach())
+        b = y.shape[0]
+        f, g = value_and_batch_grad(obj, y)
+        iters = torch.zeros(b, dtype=torch.int64, device=y.device)
+        conv = torch.zeros(b, dtype=torch.bool, device=y.device)
+        failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(dim=1)
+        res = _stationarity(proj, y, g)
+    return proj, obj, tol_e, y, f, g, iters, conv, failed, res
+
+
+def _check_convergence(res: Tensor, g: Tensor, tol_e: float, conv: Tensor, failed: Tensor):
+    """Mark elements whose stationarity residual is below ``tol * max(1, |g|_inf)``; returns (conv, run, scale)."""
+    scale = g.abs().amax(dim=1).clamp_min(1.0)
+    conv = conv | (~failed & (res <= tol_e * scale))
+    return conv, ~conv & ~failed, scale
+
+
 def projected_gradient(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100,
                        c1: float = 1e-4, max_ls: int = 40) -> SolverResult:
     r"""Batched projected gradient descent for ``min_y f(y) s.t. y in C`` with ``problem.project = P_C``.
@@ -124,23 +149,11 @@ def projected_gradient(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_
 
     Cost per iteration: one gradient, and one projection plus one objective evaluation per line-search trial.
     """
-    check_inputs(y0, tol, max_iter)
-    proj = _check_project(problem)
-    tol_e = effective_tol(tol, y0.dtype)
-    obj = problem.objective
+    proj, obj, tol_e, y, f, g, iters, conv, failed, res = _start(problem, y0, tol, max_iter)
     with torch.no_grad():
-        y = proj(y0.detach())
-        b, m = y.shape
-        f, g = value_and_batch_grad(obj, y)
         t = 1.0 / g.abs().amax(dim=1).clamp_min(1.0)
-        iters = torch.zeros(b, dtype=torch.int64, device=y.device)
-        conv = torch.zeros(b, dtype=torch.bool, device=y.device)
-        failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(dim=1)
-        res = _stationarity(proj, y, g)
         for it in range(int(max_iter) + 1):
-            scale = g.abs().amax(dim=1).clamp_min(1.0)
-            conv = conv | (~failed & (res <= tol_e * scale))
-            run = ~conv & ~failed
+            conv, run, scale = _check_convergence(res, g, tol_e, conv, failed)
             if it == int(max_iter) or not bool(run.any()):
                 break
             y_new, t, accepted = _pg_step(obj, proj, y, f, g, t, run, c1, max_ls)
@@ -178,23 +191,11 @@ def projected_newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_it
     Cost per iteration: a dense Hessian (``m`` HVPs), an ``(b, m, m)`` eigen-decomposition for the step size,
     ``inner_iter`` batched mat-vecs and projections, and the line search.
     """
-    check_inputs(y0, tol, max_iter)
-    proj = _check_project(problem)
-    tol_e = effective_tol(tol, y0.dtype)
-    obj = problem.objective
+    proj, obj, tol_e, y, f, g, iters, conv, failed, res = _start(problem, y0, tol, max_iter)
     with torch.no_grad():
-        y = proj(y0.detach())
-        b, m = y.shape
-        eye = torch.eye(m, dtype=y.dtype, device=y.device)
-        f, g = value_and_batch_grad(obj, y)
-        iters = torch.zeros(b, dtype=torch.int64, device=y.device)
-        conv = torch.zeros(b, dtype=torch.bool, device=y.device)
-        failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(dim=1)
-        res = _stationarity(proj, y, g)
+        eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
         for it in range(int(max_iter) + 1):
-            scale = g.abs().amax(dim=1).clamp_min(1.0)
-            conv = conv | (~failed & (res <= tol_e * scale))
-            run = ~conv & ~failed
+            conv, run, scale = _check_convergence(res, g, tol_e, conv, failed)
             if it == int(max_iter) or not bool(run.any()):
                 break
             H = batch_hessian(obj, y)
