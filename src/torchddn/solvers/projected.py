@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from torchddn.diagnostics import DDNError
-from torchddn.solvers._common import check_inputs, effective_tol, recover_multipliers
+from torchddn.solvers._common import armijo, check_inputs, effective_tol, recover_multipliers
 from torchddn.solvers.base import Problem, SolverResult, batch_hessian, value_and_batch_grad
 
 Projection = Callable[[Tensor], Tensor]
@@ -223,21 +223,9 @@ def projected_newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_it
             slope = (g * d).sum(dim=1)
             d = torch.where((slope < 0)[:, None], d, proj(y - g) - y)
             slope = (g * d).sum(dim=1)
-            alpha = torch.ones_like(f)
-            accepted = torch.zeros_like(run)
-            pending = run.clone()
-            y_new = y.clone()
-            for _ in range(max_ls):
-                if not bool(pending.any()):
-                    break
-                yt = proj(y + alpha[:, None] * d)
-                ft = obj(yt)
-                slack = 8 * torch.finfo(y.dtype).eps * (1 + f.abs())
-                acc = pending & torch.isfinite(ft) & (ft <= f + c1 * alpha * slope + slack)
-                y_new = torch.where(acc[:, None], yt, y_new)
-                accepted = accepted | acc
-                pending = pending & ~acc
-                alpha = torch.where(pending, 0.5 * alpha, alpha)
+            # Armijo along the projected path y+ = P(y + alpha d)
+            alpha, _, accepted = armijo(lambda u: obj(proj(u)), y, f, d, slope, run, c1=c1, max_steps=max_ls)
+            y_new = torch.where(accepted[:, None], proj(y + alpha[:, None] * d), y)
             # where the Newton model step fails (e.g. nonconvex sets), take a projected-gradient step instead
             retry = run & ~accepted
             if bool(retry.any()):
