@@ -137,13 +137,12 @@ def _forward(x: Tensor, r: Tensor, kind: str):
     elif kind in ("linf_ball", "linf_sphere"):
         ax = x.abs()
         m = ax.amax(-1, keepdim=True)
-        clipped = ax > r
         yb = torch.maximum(torch.minimum(x, r), -r)
         atb = ((ax - r).abs() <= 4 * eps * r).any(-1)
         if kind == "linf_ball":
             y = yb
             warn.append(("an entry lies exactly on the ball's boundary |x_i| = r (weakly active)", atb))
-            saved = dict(mode="linf", clipped=clipped, inside=torch.zeros_like(m, dtype=torch.bool))
+            saved = dict(mode="linf", inside=torch.zeros_like(m, dtype=torch.bool))
         else:
             inside = m < r
             k = ax.argmax(-1, keepdim=True)
@@ -155,7 +154,7 @@ def _forward(x: Tensor, r: Tensor, kind: str):
                          "is chosen)", ties))
             warn.append(("an entry lies exactly on the sphere's level |x_i| = r (weakly active)",
                          atb & ~inside.squeeze(-1)))
-            saved = dict(mode="linf", clipped=clipped, inside=inside, k=k, sk=sk)
+            saved = dict(mode="linf", inside=inside, k=k, sk=sk)
     else:
         raise DDNError(f"kind must be one of {KINDS}, got {kind!r}")
     return y, saved, warn
@@ -188,7 +187,6 @@ def _backward(g: Tensor, x: Tensor, r: Tensor, s: dict) -> tuple[Tensor, Tensor]
         gr = torch.where(out, p, torch.zeros_like(p))
         return gx, gr
     if mode == "linf":
-        clipped = s["clipped"]
         inside = s["inside"]
         atb = (x.abs() >= r)  # one-sided: an entry at the boundary is treated as active
         gx_b = torch.where(atb, torch.zeros_like(g), g)

@@ -30,9 +30,7 @@ from torch import Tensor, nn
 
 from torchddn.diagnostics import DDNError, NonRegularWarning, element_list
 from torchddn.nodes.penalties import (
-    Huber,
     Penalty,
-    PseudoHuber,
     Quadratic,
     TruncatedQuadratic,
     Welsch,

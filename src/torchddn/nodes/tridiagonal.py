@@ -87,7 +87,7 @@ def _thomas(lo: Tensor, di: Tensor, up: Tensor, d: Tensor) -> tuple[Tensor, Tens
 
 def _cyclic(lo: Tensor, di: Tensor, up: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """Block cyclic reduction on the same layout as :func:`_thomas`; ``ceil(log2 n)`` vectorised levels."""
-    bsz, n, k = di.shape[0], di.shape[1], di.shape[-1]
+    bsz, k = di.shape[0], di.shape[-1]
     # full-length a (a[0] = 0) and c (c[n-1] = 0)
     zero = di.new_zeros(bsz, 1, k, k)
     a = torch.cat([zero, lo], dim=1)

@@ -1,6 +1,8 @@
 """Batched primal-dual interior-point method for problems with inequality (and equality) constraints."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -10,12 +12,8 @@ from torchddn.solvers.base import Problem, SolverResult, batch_hessian, batch_ja
 from torchddn.solvers.sqp import active_set_polish
 
 
-def _residuals(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, mu: Tensor,
-               inf_norm: bool = False):
-    """Perturbed KKT residuals ``(r_d, r_h, r_g, r_c)`` of ``min f s.t. h = 0, g + s = 0, s >= 0``
-    (duals ``lam`` for ``h``, ``z >= 0`` for ``g``) and their norm."""
-    b = y.shape[0]
-
+def _lagrangian(problem: Problem, lam: Tensor, z: Tensor) -> Callable[[Tensor], Tensor]:
+    """``u -> f(u) + lam^T h(u) + z^T g(u)`` per batch element (``lam`` ignored without equalities)."""
     def lagrangian(u: Tensor) -> Tensor:
         h, g = constraint_values(problem, u)
         val = problem.objective(u) + (z * g).sum(dim=1)
@@ -23,7 +21,15 @@ def _residuals(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, m
             val = val + (lam * h).sum(dim=1)
         return val
 
-    _, r_d = value_and_batch_grad(lagrangian, y)
+    return lagrangian
+
+
+def _residuals(problem: Problem, y: Tensor, lam: Tensor, z: Tensor, s: Tensor, mu: Tensor,
+               inf_norm: bool = False):
+    """Perturbed KKT residuals ``(r_d, r_h, r_g, r_c)`` of ``min f s.t. h = 0, g + s = 0, s >= 0``
+    (duals ``lam`` for ``h``, ``z >= 0`` for ``g``) and their norm."""
+    b = y.shape[0]
+    _, r_d = value_and_batch_grad(_lagrangian(problem, lam, z), y)
     h, g = constraint_values(problem, y)
     r_h = h if h is not None else y.new_zeros(b, 0)
     r_g = g + s
@@ -93,7 +99,6 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
     eps = torch.finfo(y.dtype).eps
     with torch.no_grad():
         h0, g0 = constraint_values(problem, y)
-        q = g0.shape[1]
         p = 0 if h0 is None else h0.shape[1]
         g0 = torch.where(torch.isfinite(g0), g0, torch.zeros_like(g0))
         s = (-g0).clamp_min(1.0)
@@ -133,14 +138,7 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
             done_mu = run & (E_mu <= 10 * mu)
             mu = torch.where(done_mu, torch.maximum(torch.minimum(0.2 * mu, mu ** 1.5), 0.1 * tol_e * scale), mu)
             r_d, r_h, r_g, r_c, _ = _residuals(problem, y, lam, z, s, mu)
-            lam_c, z_c = lam.clone(), z.clone()
-
-            def lagrangian(u: Tensor) -> Tensor:
-                h, g = constraint_values(problem, u)
-                val = problem.objective(u) + (z_c * g).sum(dim=1)
-                if h is not None:
-                    val = val + (lam_c * h).sum(dim=1)
-                return val
+            lagrangian = _lagrangian(problem, lam.clone(), z.clone())
 
             f0, gf = value_and_batch_grad(problem.objective, y)
             W = batch_hessian(lagrangian, y)
