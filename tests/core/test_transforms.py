@@ -1,7 +1,7 @@
 """vmap, jacrev, jacfwd, double backward and torch.compile."""
 import pytest
 import torch
-from torch.autograd import gradcheck, gradgradcheck
+from torch.autograd import gradgradcheck
 
 import torchddn as ddn
 from tests.core import problems as P

@@ -2,7 +2,6 @@
 degenerate and non-regular inputs, bad input."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
