@@ -50,12 +50,11 @@ _CHUNK_ELEMS = 1 << 22
 _CPU_CHUNK_ELEMS = 1 << 18
 
 
-def _row_chunks(B: int, per_row: int, device: torch.device, budget: Optional[int] = None) -> range:
-    """Start rows of the chunks that process ``B`` rows of ``per_row`` elements each."""
+def _row_chunks(B: int, per_row: int, device: torch.device) -> range:
+    """Start rows of the chunks that process ``B`` rows of ``per_row`` elements each (``.step`` rows per chunk)."""
     if device.type != "cpu":
         return range(0, B, max(B, 1))
-    rows = max(1, (budget or _CPU_CHUNK_ELEMS) // max(1, per_row))
-    return range(0, B, rows)
+    return range(0, B, max(1, _CPU_CHUNK_ELEMS // max(1, per_row)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,8 +246,8 @@ def _solve_welsch_1d(x: Tensor, a: Tensor, exact_starts: int = 64, max_starts: i
     B, n = x.shape
     out = torch.empty(B, dtype=x.dtype, device=x.device)
     K_est = (n if n <= exact_starts else max_starts) + 2
-    chunks = _row_chunks(B, K_est * n, x.device)
-    rows = chunks.step if x.device.type == "cpu" else max(1, _CHUNK_ELEMS // max(1, K_est * n))
+    budget = _CPU_CHUNK_ELEMS if x.device.type == "cpu" else _CHUNK_ELEMS
+    rows = max(1, budget // max(1, K_est * n))
     for r0 in range(0, B, rows):
         xc, ac = x[r0:r0 + rows], a[r0:r0 + rows]
         U = torch.cat([xc.mean(-1, keepdim=True), xc.median(-1, keepdim=True).values,
