@@ -319,6 +319,11 @@ def test_bad_input():
     xn[1, 2] = float("nan")
     with pytest.raises(DDNError, match=r"NaN or Inf .*\[1\]"):
         robust_pool(xn, "huber")
+    for bad in (float("inf"), -float("inf")):  # +Inf is caught by the row maximum, -Inf by the row minimum
+        xi = x.clone()
+        xi[2, 0] = bad
+        with pytest.raises(DDNError, match=r"NaN or Inf .*\[2\]"):
+            robust_pool(xi, "huber")
     with pytest.raises(DDNError, match=r"alpha must be finite and > 0.*\[2\]"):
         robust_pool(x, "huber", torch.tensor([1.0, 1.0, -1.0]))
     with pytest.raises(DDNError, match="does not broadcast"):
