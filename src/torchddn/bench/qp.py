@@ -91,7 +91,11 @@ def _cvxpylayers_runner(n: int, m: int):
     def run(Q, p, G, h, w):
         args = [t.clone().requires_grad_() for t in (Q, p, G, h)]
         Lt = torch.linalg.cholesky(0.5 * (args[0] + args[0].mT)).mT  # Q = L^T L
-        (zs,) = layer(Lt, args[1], args[2], args[3])
+        # cvxpylayers solves the batch's problems in a thread pool as large as the machine (diffcp's n_jobs);
+        # it gets the same number of threads as torch.
+        jobs = torch.get_num_threads()
+        (zs,) = layer(Lt, args[1], args[2], args[3],
+                      solver_args={"n_jobs_forward": jobs, "n_jobs_backward": jobs})
         (zs * w).sum().backward()
         return [t.grad for t in args]
 
@@ -101,8 +105,10 @@ def _cvxpylayers_runner(n: int, m: int):
 def run(quick: bool = False, device: str = "cpu", threads: int | None = 1) -> list[dict]:
     """QP forward + backward, b=64, n=50, m=50, float64; ratio = peer time / our time.
 
-    All methods run under the same ``torch.set_num_threads(threads)`` (default 1: reproducible on shared
-    machines; ``None`` keeps the current setting)."""
+    All methods get the same number of threads: ``torch.set_num_threads(threads)`` for ours and qpth, and as many
+    worker threads for cvxpylayers' batch of cone programs (diffcp's ``n_jobs``, which would otherwise use every
+    core whatever torch's setting). Default 1 (reproducible on shared machines); 0 or ``None`` keeps torch's
+    current setting (all cores by default)."""
     previous = torch.get_num_threads()
     threads = threads or None  # 0 or None: keep the current setting
     if threads is not None:

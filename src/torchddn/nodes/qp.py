@@ -7,8 +7,9 @@
 
 The forward is a batched primal-dual interior point method (Mehrotra predictor-corrector) in pure torch, with
 per-element convergence; the backward differentiates the KKT conditions (Amos & Kolter, "OptNet", ICML 2017),
-solving the adjoint system at the returned point by iterative refinement preconditioned with one Cholesky (LU
-with equality constraints) factorisation of the reduced KKT matrix.
+solving the adjoint system at the returned point by iterative refinement preconditioned with each element's last
+forward factorisation of the reduced KKT matrix (Cholesky, or LU with equality constraints); only elements for
+which that does not converge are factorised again.
 """
 from __future__ import annotations
 
@@ -185,16 +186,24 @@ def _augmented_kkt(Q: Tensor, G: Tensor, A: Tensor, d: Tensor) -> Tensor:
     return torch.cat(rows, -2)
 
 
-def _factor(Q: Tensor, G: Tensor, A: Tensor, d: Tensor, ws: Optional[tuple] = None):
+def _factor(Q: Tensor, G: Tensor, A: Tensor, d: Tensor, ws: Optional[tuple] = None, low: Optional[tuple] = None):
     """Factorise the reduced KKT matrices ``[[Q + G^T diag(d) G, A^T], [A, 0]]`` (``d`` of shape (B, m, 1)):
     Cholesky when there are no equality constraints (they are then symmetric positive definite unless singular),
     LU with partial pivoting otherwise or when the Cholesky factorisation fails. Returns (factors, info).
 
     ``ws``: optional workspace from :func:`_workspace` (for at least B elements) that the (B, n, n) intermediates
     and the Cholesky factor are written to instead of fresh allocations (on CPU, allocating and releasing large
-    blocks every iteration costs page faults that can exceed the arithmetic)."""
+    blocks every iteration costs page faults that can exceed the arithmetic). ``low``: optional single precision
+    workspace from :func:`_workspace` whose data slot holds ``[Q; G]`` in single precision (no equality
+    constraints); the reduced matrix is then formed and factorised in single precision, at about half the cost
+    of the product."""
     B, k = Q.shape[0], A.shape[-2]
-    if ws is None:
+    if low is not None:
+        n = Q.shape[-1]
+        Q32, G32 = low[4][:B, :n], low[4][:B, n:]
+        H = torch.baddbmm(Q32, G32.mT, torch.mul(d.to(G32.dtype), G32, out=low[0][:B]), out=low[1][:B])
+        ws = low
+    elif ws is None:
         H = torch.baddbmm(Q, G.mT, d * G)
     else:
         H = torch.baddbmm(Q, G.mT, torch.mul(d, G, out=ws[0][:B]), out=ws[1][:B])
@@ -212,21 +221,23 @@ def _factor(Q: Tensor, G: Tensor, A: Tensor, d: Tensor, ws: Optional[tuple] = No
     return ("lu", lu, piv), info
 
 
-def _workspace(B: int, m: int, n: int, L: int, like: Tensor, dtype: Optional[torch.dtype] = None) -> tuple:
+def _workspace(B: int, m: int, n: int, L: int, like: Tensor, dtype: Optional[torch.dtype] = None,
+               copies: int = 1) -> tuple:
     """Scratch for the interior point iteration (in ``dtype``, default that of ``like``): D G (B, m, n) and the
     reduced matrix (B, n, n) for :func:`_factor`, its Cholesky factor (column-major, the layout of LAPACK's
-    factors), the info vector, and room (B, L, n) for a copy of the data."""
+    factors), the info vector, and room (copies, B, L, n) for copies of the data."""
     dtype = like.dtype if dtype is None else dtype
-    work = _scratch(B * (m * n + 2 * n * n + L * n), like.new_empty(0, dtype=dtype))
-    dG, H, U, data = work.split([B * m * n, B * n * n, B * n * n, B * L * n])
+    work = _scratch(B * (m * n + 2 * n * n + copies * L * n), like.new_empty(0, dtype=dtype))
+    dG, H, U, data = work.split([B * m * n, B * n * n, B * n * n, copies * B * L * n])
+    data = data.view(copies, B, L, n)
     return (dG.view(B, m, n), H.view(B, n, n), U.view(B, n, n).mT,
-            torch.empty(B, dtype=torch.int32, device=like.device), data.view(B, L, n))
+            torch.empty(B, dtype=torch.int32, device=like.device), data[0] if copies == 1 else data)
 
 
 def _solve(fac, rhs: Tensor) -> Tensor:
     """Solve ``K x = rhs`` for row vectors ``rhs`` of shape (B, 1, n + k) with the factors from :func:`_factor`
     (two triangular solves for Cholesky: faster on CPU than ``cholesky_solve``)."""
-    if fac[1].dtype != rhs.dtype:  # low precision factors (see _ipm)
+    if fac[1].dtype != rhs.dtype:  # single precision factors (see _ipm)
         return _solve(fac, rhs.to(fac[1].dtype)).to(rhs.dtype)
     if fac[0] == "chol":
         U = fac[1]
@@ -235,13 +246,30 @@ def _solve(fac, rhs: Tensor) -> Tensor:
     return torch.linalg.lu_solve(fac[1], fac[2], rhs.mT).mT
 
 
+def _cap(qs: Tensor, gs: Tensor) -> Tensor:
+    """Cap on D = lam / s in the reduced matrix ``Q + G^T min(D, cap) G`` that the forward and the backward
+    factorise: ``1e7 max(1, max|Q| / max|G|^2)``, so that the constraint part stays within 1e7 of the larger of the
+    two scales (a well-conditioned factorisation), while ``1 / cap`` is negligible next to the active-set KKT
+    system that the capped one approximates (fast refinement). ``qs``, ``gs``: max |Q|, max |G| per element."""
+    eps = torch.finfo(qs.dtype).eps
+    return (1e7 * torch.maximum(qs / gs.square().clamp_min(torch.finfo(qs.dtype).tiny), torch.ones_like(qs))
+            ).clamp_(max=1.0 / eps)
+
+
+# Codes of the interior point method's per-element outcome.
+_CONVERGED, _STALLED, _DIVERGED, _FAILED, _MAX_ITER = 0, 1, 2, 3, 4
+
+
 def _ipm(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, tol: float, max_iter: int):
     """Batched Mehrotra predictor-corrector. Returns z, s, lam, nu, converged, iterations, residual, primal
-    residual, scale, status (singular/non-finite), magnitudes (max |Q|, |G|, |A|) and the stacked data [Q; A; G].
+    residual, scale, status (singular/non-finite), magnitudes (max |Q|, |G|, |A|), the stacked data [Q; A; G] and
+    each element's last factorisation (for the backward, see :func:`_adjoint`).
 
     Vectors are kept as batched rows of shape (B, 1, .) (per-element scalars as (B, 1, 1)), so that every
     matrix-vector product is a single batched row-times-matrix product (on CPU much faster than a batched
-    matrix-vector product or a broadcast multiply-and-sum) and nothing needs reshaping."""
+    matrix-vector product or a broadcast multiply-and-sum) and nothing needs reshaping. The iteration works on the
+    elements still running only: an element that finishes (converged, stalled, diverged, failed) leaves the
+    compacted state, with its best iterate written to the result."""
     B, n = p.shape
     m, k = h.shape[-1], b.shape[-1]
     dtype = p.dtype
@@ -256,8 +284,11 @@ def _ipm(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, tol: 
     big = 1.0 / torch.finfo(dtype).eps ** 0.75
     mu_weight = 1e3 if dtype == torch.float64 else 1.0
     sc = scale.view(B, 1, 1)
-    tol_s, stall_s, big_s = tol * sc, 10 * tol * sc, big * sc
-    mu_c = (mu_weight / max(m, 1)) * sc  # the merit weighs the duality measure s^T lam / m
+    # Per-element thresholds [tol, stall, divergence, merit weight of the duality measure s^T lam / m], packed so
+    # that compacting them is one index_select.
+    # the duality measure above which single precision factors may be used, and the cap on D (see _cap).
+    limits = torch.cat([tol * sc, 10 * tol * sc, big * sc, (mu_weight / max(m, 1)) * sc, 1e-4 * m * sc,
+                        _cap(mags[:, 0], mags[:, 1]).view(B, 1, 1)], -1)
     mu_floor = 0.1 * tol / mu_weight  # a tenth of the duality measure at which the iteration stops
 
     # The data stacked once as rows M = [Q; A; G] and the iterate as X = [z, nu, lam, s]: the dual residual
@@ -268,18 +299,18 @@ def _ipm(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, tol: 
     p1 = p.unsqueeze(1)
     nhb = torch.cat([b, h], -1).neg().unsqueeze(1)
 
-    # The first iterations factorise in single precision (double precision data of moderate magnitude without
-    # equality constraints), while the duality measure is large (above 1e-4 of the data's scale) and the reduced
-    # matrix well conditioned (D <= 1e6): the Newton directions then need few digits (the residuals are still
-    # formed in double precision, so that later iterations remove any error), and forming and factorising the
-    # reduced matrix costs about half as much.
+    # While the duality measure is large (above 1e-4 of the data's scale) and the reduced matrix well conditioned
+    # (D <= 1e6), the reduced matrix is formed and factorised in single precision for double precision data of
+    # moderate magnitude without equality constraints: the Newton directions then need few digits (the residuals
+    # are formed in double precision, so that later iterations remove any error). A factorisation that fails in
+    # single precision switches to double precision for good.
     low = None
     if dtype == torch.float64 and k == 0 and m and bool((scale < 1e15).all()):
         low = _workspace(B, m, n, L1, p, torch.float32)
         low[4].copy_(M)
     # Initial point (as in CVXOPT): minimise 1/2 z^T Q z + p^T z + 1/2 |G z - h|^2 s.t. A z = b.
     Gv = M[:, n + k:]
-    ws = _workspace(B, m, n, L1, p)
+    ws = _workspace(B, m, n, L1, p, copies=2)
     fac, info = _factor(M[:, :n], Gv, M[:, n:n + k], torch.ones_like(h).unsqueeze(-1), ws)
     rhs = torch.baddbmm(p1, h.unsqueeze(1), Gv, beta=-1)  # G^T h - p
     sol = _solve(fac, torch.cat([rhs, b.unsqueeze(1)], -1) if k else rhs)  # [z, nu]
@@ -294,15 +325,28 @@ def _ipm(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, tol: 
         s = lam = h.unsqueeze(1)
     failed = (info != 0).view(B, 1, 1) | ~torch.isfinite(sol).all(-1, keepdim=True)
     X = torch.cat([torch.where(failed, 0.0, sol), lam, s], -1)
-    diverged = torch.zeros_like(failed)
-    dead = failed.clone()  # failed | diverged
-    stalled = torch.zeros_like(failed)
-    iterations = torch.zeros(B, 1, 1, dtype=torch.long, device=p.device)
-    since = torch.zeros_like(iterations)
+
+    # Results, written as the elements finish.
+    X_out = torch.empty_like(X)
+    res_out = torch.empty(B, dtype=dtype, device=p.device)
+    code_out = torch.empty(B, dtype=torch.long, device=p.device)
+    iters_out = torch.empty(B, dtype=torch.long, device=p.device)
+    # State of the elements still running (global indices idx), compacted as elements finish.
+    idx = torch.arange(B, device=p.device)
+    Ma, pa, nhba, lim = M, p1, nhb, limits
+    since = torch.zeros(B, 1, 1, dtype=torch.long, device=p.device)
     best = torch.full_like(sc, inf)
     best_km = torch.full((B, 1, 2), inf, dtype=dtype, device=p.device)  # best KKT residual, duality measure
     best_X = X
-
+    buffer = 0  # which copy of the data in ws holds Ma
+    # Each element's last factorisation, kept for the backward (see _adjoint): the factors, the pivots (LU),
+    # the D they were formed with, and whether the element has one.
+    N = n + k
+    kind = "chol" if k == 0 else "lu"
+    store = (kind, torch.empty(B, N, N, dtype=dtype, device=p.device),
+             torch.empty(B, N, dtype=torch.int32, device=p.device) if k else None,
+             torch.empty(B, 1, m, dtype=dtype, device=p.device), torch.zeros(B, dtype=torch.bool, device=p.device))
+    prev = (fac, torch.ones_like(h).unsqueeze(1))  # the factorisation behind the current iterate
     def max_step(v: Tensor, dv: Tensor) -> Tensor:
         """min(1, largest alpha with v + alpha dv >= 0) for v > 0."""
         q = (dv / v).amin(-1, keepdim=True).clamp_(max=-tiny)
@@ -322,127 +366,155 @@ def _ipm(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, tol: 
         a = torch.fmin(torch.fmax(a, 0.99 * a_max), a_max)
         return torch.where(q < 0, a, 1.0).mul_(1.0 - 1e-8)
 
-    n_sel = -1
     for it in range(max_iter + 1):
-        rd = torch.baddbmm(p1, X[..., :L1], M)  # Q z + A^T nu + G^T lam + p
-        rp = torch.baddbmm(nhb, X[..., :n], M[:, n:].mT)  # [A z - b, G z - h]
+        rd = torch.baddbmm(pa, X[..., :L1], Ma)  # Q z + A^T nu + G^T lam + p
+        rp = torch.baddbmm(nhba, X[..., :n], Ma[:, n:].mT)  # [A z - b, G z - h]
         rp[..., k:] += X[..., L1:]  # G z + s - h
         mus = torch.bmm(X[..., L1:], X[..., n + k:L1].mT)  # s^T lam
         # Merit: the KKT residual, with the duality measure weighted so that it must fall 1000x lower (the
         # backward's error vanishes with mu, while the residuals stall at the precision of the linear solves).
         kkt = torch.cat([rd, rp], -1).abs().amax(-1, keepdim=True)
-        res = torch.maximum(kkt, mu_c * mus).nan_to_num_(nan=inf, posinf=inf)
         km = torch.cat([kkt, mus], -1)
-        improved = (km < 0.5 * best_km).any(-1, keepdim=True)
+        res = torch.maximum(kkt, lim[..., 3:4] * mus).nan_to_num_(nan=inf, posinf=inf)
+        since = torch.where((km < 0.5 * best_km).any(-1, keepdim=True), 0, since + 1)
         best_km = torch.minimum(best_km, km)
-        since = torch.where(improved, 0, since + 1)
         better = res <= 2 * best
         best = torch.where(better, res, best)
         best_X = torch.where(better, X, best_X)
-        converged = (best <= tol_s) & ~dead
+        converged = best <= lim[..., 0:1]
         # Stop an element whose residual no longer improves: the reduced KKT system has become too
         # ill-conditioned for further progress at this precision.
-        stalled = stalled | ((since >= 4) & (best <= stall_s))
+        stalled = (since >= 4) & (best <= lim[..., 1:2])
+        done = converged | stalled | failed
         if m:
-            div = X[..., n + k:L1].amax(-1, keepdim=True) > big_s  # lam
-            div = div | (X[..., :n].abs().amax(-1, keepdim=True) > big_s)  # z
-            diverged = diverged | div
-            dead = dead | div
-        active = ~(converged | stalled | dead)
-        if it == max_iter or not bool(active.any()):
-            break
-        iterations = iterations + active
-        # Work only on the elements still iterating (the set only shrinks: finished elements are frozen).
-        ia = active.view(-1).nonzero().view(-1)
-        full = ia.numel() == B
-        if full:
-            Ma, Xa, rda, rpa, musa = M, X, rd, rp, mus
-        else:
-            if ia.numel() != n_sel:
-                Ma, n_sel = torch.index_select(M, 0, ia, out=ws[4][:ia.numel()]), ia.numel()
-            Xa, rda, rpa, musa = (t.index_select(0, ia) for t in (X, rd, rp, mus))
-        Ga = Ma[:, n + k:]
-        Ga_t, Ca_t = Ga.mT, Ma[:, n:].mT
-        nrp = rpa.neg()
-        re = rpa[..., :k]
-        vs = Xa[..., n + k:]  # [lam, s]
+            diverged = torch.maximum(X[..., n + k:L1].amax(-1, keepdim=True),  # lam
+                                     X[..., :n].abs().amax(-1, keepdim=True)) > lim[..., 2:3]  # z
+            done = done | diverged
+        last = it == max_iter
+        if last or bool(done.any()):
+            fin = done.view(-1).nonzero().view(-1) if not last else torch.arange(idx.numel(), device=p.device)
+            code = torch.where(converged, _CONVERGED, torch.where(stalled, _STALLED, _MAX_ITER))
+            if m:
+                code = torch.where(diverged, _DIVERGED, code)
+            code = torch.where(failed, _FAILED, code)
+            where = idx[fin]
+            X_out.index_copy_(0, where, best_X[fin])
+            res_out.index_copy_(0, where, best[fin].view(-1))
+            code_out.index_copy_(0, where, code[fin].view(-1))
+            iters_out.index_fill_(0, where, it)
+            pf, pd = prev
+            if pf[0] == kind and pf[1].dtype == dtype:
+                store[1].index_copy_(0, where, pf[1][fin])
+                if k:
+                    store[2].index_copy_(0, where, pf[2][fin])
+                store[3].index_copy_(0, where, pd[fin])
+                store[4].index_fill_(0, where, True)
+            if last or fin.numel() == idx.numel():
+                break
+            keep = (~done).view(-1).nonzero().view(-1)
+            idx = idx[keep]
+            buffer = 1 - buffer
+            Ma = torch.index_select(Ma, 0, keep, out=ws[4][buffer][:keep.numel()])
+            pa, nhba, lim, since, best, best_km, best_X, X, rd, rp, mus, failed = (
+                t.index_select(0, keep) for t in (pa, nhba, lim, since, best, best_km, best_X, X, rd, rp, mus, failed))
+            low = None  # (single precision data for the whole batch only)
+        Ga, Ca_t = Ma[:, n + k:], Ma[:, n:].mT
+        re, ri = rp[..., :k], rp[..., k:]
+        vs = X[..., n + k:]  # [lam, s]
         lam, s = vs[..., :m], vs[..., m:]
         # Mehrotra predictor-corrector step: one factorisation, two directions, Mehrotra's step length.
+        # Near the solution D = lam / s is huge on active constraints and the reduced matrix Q + G^T D G
+        # ill-conditioned: there it is factorised with D capped (as in the backward, which reuses the factors) and
+        # the directions are refined against the unreduced equations (see _adjoint).
         d = lam / s
-        refine = bool(d.amax() > 1e6) if m else True
-        fac = None
-        if low is not None and full and not refine and bool((mus > 1e-4 * m * sc).all()):
-            M32 = low[4]
-            fac, info = _factor(M32[:, :n], M32[:, n:], M32[:, n:n], d.mT.float(), low)
-            if fac[0] != "chol":  # not positive definite in single precision: double precision from now on
-                fac = None
-        if fac is None:
+        refine = bool((d > lim[..., 5:6].clamp(max=1e6)).any()) if m else True
+        dc = torch.minimum(d, lim[..., 5:6]) if refine and m else d
+        use_low = low is not None and not refine and bool((mus > lim[..., 4:5]).all())
+        if not use_low:
             low = None
-            fac, info = _factor(Ma[:, :n], Ga, Ma[:, n:n + k], d.mT, ws)
+        fac = None
+        if use_low:
+            fac, info = _factor(Ma[:, :n], Ga, Ma[:, n:n + k], d.mT, ws, low)
+            if fac[0] != "chol":  # not positive definite in single precision
+                fac, low = None, None
+        if fac is None:
+            fac, info = _factor(Ma[:, :n], Ga, Ma[:, n:n + k], dc.mT, ws)
+        prev = (fac, dc)
+        c = d.clamp(max=1.0)  # the rows of (G dz - dlam / D) are scaled by c = min(1, D): c / D = min(1, 1 / D)
+        e = c / d
+        f = dc / c
+
+        def psolve(r1: Tensor, rnu: Tensor, r2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """Exact solve of [[Q, A^T, G^T], [A, 0, 0], [c G, 0, -c / D_c]] [dz; dnu; dlam] = [r1; rnu; r2]
+            (D capped) by the reduced matrix. Returns [dz, dnu], dlam and [A dz, G dz]."""
+            fr2 = f * r2
+            sol = _solve(fac, torch.cat([torch.baddbmm(r1, fr2, Ga), rnu], -1) if k else torch.baddbmm(r1, fr2, Ga))
+            Cw = torch.bmm(sol[..., :n], Ca_t)
+            return sol, torch.addcmul(fr2.neg_(), dc, Cw[..., k:]), Cw
 
         def direction(rcs: Tensor, refine: bool) -> Tensor:
             """Newton direction [dz, dnu, dlam, ds] for the residuals (rd, re, ri) and complementarity
-            right-hand side rc = s * rcs, with one step of iterative refinement against the unreduced equations
-            if asked (near the solution, where the reduced matrix is ill-conditioned)."""
-            y = torch.baddbmm(rda, torch.addcmul(rcs, d, rpa[..., k:]), Ga)  # rd + G^T (rcs + d ri)
-            sol = _solve(fac, torch.cat([y, re], -1) if k else y)  # -[dz, dnu]
-            T = torch.baddbmm(nrp, sol[..., :n], Ca_t)  # [-(A dz + re), ds = -(G dz + ri)]
-            ds = T[..., k:]
-            dX = torch.cat([sol.neg(), torch.addcmul(rcs, d, ds, value=-1.0), ds], -1)
+            right-hand side rc = s * rcs (dlam = rcs + D (G dz + ri), ds = -(G dz + ri)): the equations
+            [[Q, A^T, G^T], [A, 0, 0], [c G, 0, -c / D]] [dz; dnu; dlam] = [-rd; -re; -(c / D) rcs - c ri], solved
+            with D capped, plus one step of iterative refinement against them if asked (near the solution)."""
+            r2 = torch.addcmul(c * ri, e, rcs).neg_()
+            sol, dlam, Cw = psolve(rd.neg(), re.neg(), r2)
             if refine:
-                e = torch.baddbmm(rda, dX[..., :L1], Ma)  # Q dz + A^T dnu + G^T dlam + rd
-                c = _solve(fac, torch.cat([e, T[..., :k].neg()], -1) if k else e)  # -[cz, cnu]
-                cs = torch.bmm(c[..., :n], Ga_t)  # -G cz
-                dX[..., :n + k].sub_(c)
-                dX[..., n + k:L1].addcmul_(d, cs, value=-1.0)
-                dX[..., L1:].add_(cs)
-            return dX
+                R1 = torch.baddbmm(rd, torch.cat([sol, dlam], -1), Ma).neg_()  # -rd - (Q dz + A^T dnu + G^T dlam)
+                R2 = torch.addcmul(r2, e, dlam).sub_(c * Cw[..., k:])
+                s2, dlam2, Cw2 = psolve(R1, (re + Cw[..., :k]).neg_(), R2)
+                sol, dlam, Cw = sol + s2, dlam + dlam2, Cw + Cw2
+            return torch.cat([sol, dlam, (ri + Cw[..., k:]).neg_()], -1)
 
         dX = direction(lam.neg(), refine and not m)  # predictor (affine scaling)
         if m:
             dv = dX[..., n + k:]
             w = torch.addcmul(vs, max_step(vs, dv), dv)
             mu_aff = torch.bmm(w[..., :m], w[..., m:].mT)
-            sigma = (mu_aff / musa.clamp_min(tiny)).clamp_(0, 1).pow_(3)
+            sigma = (mu_aff / mus.clamp_min(tiny)).clamp_(0, 1).pow_(3)
             # Centring target sigma mu, but at least 1e-4 mu (steps that shrink mu faster land on inaccurate
             # directions near the solution) and 0.1 x the duality measure at which the iteration stops.
-            target = torch.maximum(sigma.mul_(musa), 1e-4 * musa).mul_(1.0 / m).clamp_min_(mu_floor)
+            target = torch.maximum(sigma.mul_(mus), 1e-4 * mus).mul_(1.0 / m).clamp_min_(mu_floor)
             rcs = torch.addcmul(target, dX[..., L1:], dX[..., n + k:L1], value=-1.0).div_(s).sub_(lam)
             dX = direction(rcs, refine)  # corrector
             alpha = step_length(vs, dX[..., n + k:])
         else:
-            alpha = torch.ones_like(musa)
+            alpha = torch.ones_like(mus)
         ok = torch.isfinite(alpha * dX.sum(-1, keepdim=True))
         if fac[0] != "chol":
             ok = ok & (info == 0).view(-1, 1, 1)
         if bool(ok.all()):
-            X = torch.addcmul(X, alpha, dX) if full else X.index_add(0, ia, alpha * dX)
+            X = torch.addcmul(X, alpha, dX)
         else:
-            step = torch.where(ok, alpha * dX, 0.0)
-            X = X + step if full else X.index_add(0, ia, step)
-            failed = failed.index_put((ia,), ~ok)
-            dead = failed | diverged
-    X = best_X
+            X = X + torch.where(ok, alpha * dX, 0.0)
+            failed = failed | ~ok
+    X = X_out
     rp = torch.baddbmm(nhb, X[..., :n], M[:, n:].mT)
     rp[..., k:] += X[..., L1:]
     primal = rp.abs().amax(-1).view(B) if k + m else rp.new_zeros(B)
-    converged = (converged | (stalled & ~dead)).view(B)
+    converged = code_out <= _STALLED
     X = X.view(B, -1)
     z, nu, lam, s = X[:, :n].clone(), X[:, n:n + k].clone(), X[:, n + k:L1].clone(), X[:, L1:].clone()
-    return (z, s, lam, nu, converged, iterations.view(B), best.view(B), primal, scale, (failed & ~diverged).view(B),
-            mags[:, :3], M)
+    return (z, s, lam, nu, converged, iters_out, res_out, primal, scale, code_out == _FAILED, mags[:, :3], M,
+            store)
 
 
-def _adjoint(M: Tensor, s: Tensor, lam: Tensor, gz: Tensor, glam: Tensor, gnu: Tensor, mags: Tensor):
+def _adjoint(M: Tensor, s: Tensor, lam: Tensor, gz: Tensor, glam: Tensor, gnu: Tensor, mags: Tensor,
+             stored: Optional[tuple] = None):
     """Solve the adjoint KKT system ``[[Q, -G^T, A^T], [G, 1/D, 0], [A, 0, 0]] [w_z; u; w_nu] = [g_z; g_lam; g_nu]``
     (``D = diag(lam / s)``) in its row-equilibrated unreduced form (second block row scaled by ``c = min(1, d)``).
 
     It is solved by iterative refinement on that system, preconditioned by the reduced matrix
-    ``[[Q + G^T D_c G, A^T], [A, 0]]`` with ``D_c = min(D, cap)``: eliminating ``u`` with the true ``D`` would
-    amplify the errors in ``w_z`` by ``D``, which is huge on active constraints, while the capped matrix is well
-    conditioned and differs from the true one only by ``1/cap`` in the (tiny) ``1/D`` block, so that each
-    refinement step gains many digits. Where the refinement does not converge (a singular or badly conditioned
-    reduced matrix) the whole batch falls back to an LU factorisation of the unreduced matrix.
+    ``[[Q + G^T D_c G, A^T], [A, 0]]`` with ``D_c = min(D, cap)`` (:func:`_cap`): eliminating ``u`` with the true
+    ``D`` would amplify the errors in ``w_z`` by ``D``, which is huge on active constraints, while the capped matrix
+    is well conditioned and differs from the true one only by ``1/cap`` in the (tiny) ``1/D`` block, so that each
+    refinement step gains many digits.
+
+    ``stored``: the forward's factorisations (kind, factors, pivots, the capped D they were formed with, and a
+    mask of the elements that have one), from :func:`_ipm`. They are used as the preconditioner first (no new
+    factorisation); elements whose refinement does not converge with them are solved again with a fresh
+    factorisation. Where that does not converge either (a singular or badly conditioned reduced matrix) those
+    elements fall back to an LU factorisation of the unreduced matrix.
     ``M`` is the stacked data [Q; A; G] and ``mags`` holds max |Q|, max |G|, max |A| per element. Returns w_z, u,
     w_nu."""
     B, n = gz.shape
@@ -456,40 +528,67 @@ def _adjoint(M: Tensor, s: Tensor, lam: Tensor, gz: Tensor, glam: Tensor, gnu: T
     e = torch.where(act, s1 / lam1, 1.0)  # min(1, 1 / d): the scaled (2, 2) block c / d
     mags = mags.view(B, 3, 1)
     qs, gs = mags[:, 0:1], mags[:, 1:2]
-    cap = (1e7 * qs / gs.square().clamp_min(torch.finfo(gz.dtype).tiny)).clamp(min=1.0, max=1.0 / eps)
-    dc = torch.minimum(d, cap)
-    f = dc.clamp(min=1.0)
+    cap = _cap(qs, gs)
     Gt, Ct = G.mT, M[:, n:].mT
-    fac, info = _factor(Q, G, A, dc.mT, _workspace(B, m, n, 0, gz))
     rhs = torch.cat([gz1, gnu1, c * glam1], -1)  # the unknowns are x = [w_z, w_nu, v], v = -u
     bnorm = rhs.abs().amax(-1, keepdim=True)
     mscale = mags.amax(1, keepdim=True).clamp_min(1.0)
-
-    def psolve(r: Tensor) -> Tensor:
-        """Approximate solve with the capped reduced matrix: v = f (c G w_z - r_2) (f c = d_c)."""
-        fr2 = f * r[..., n + k:]
-        y = torch.baddbmm(r[..., :n], fr2, G)
-        sol = _solve(fac, torch.cat([y, r[..., n:n + k]], -1) if k else y)
-        return torch.cat([sol, (dc * torch.bmm(sol[..., :n], Gt)).sub_(fr2)], -1)
 
     def residual(x: Tensor) -> Tensor:
         Cw = torch.bmm(x[..., :n], Ct)  # [A w_z, G w_z]
         Kx = torch.cat([torch.bmm(x, M), Cw[..., :k], c * Cw[..., k:] - e * x[..., n + k:]], -1)
         return rhs - Kx
 
-    x = None
-    if fac[0] == "chol" or not bool(info.any()):
+    def refine(fac, dd: Tensor, steps: int, loose: bool) -> tuple[Tensor, Tensor]:
+        """Iterative refinement preconditioned by the exact solve of the system whose D is ``dd``, with ``fac``
+        factorising (approximately) its reduced matrix ``Q + G^T diag(dd) G``: v = f (c G w_z - r_2), f = dd / c.
+        Returns the solution and which elements reached a residual below eps^0.75 (eps^0.5 if ``loose``) of the
+        data's scale."""
+        f = dd / c
+
+        def psolve(r: Tensor) -> Tensor:
+            fr2 = f * r[..., n + k:]
+            y = torch.baddbmm(r[..., :n], fr2, G)
+            sol = _solve(fac, torch.cat([y, r[..., n:n + k]], -1) if k else y)
+            return torch.cat([sol, (dd * torch.bmm(sol[..., :n], Gt)).sub_(fr2)], -1)
+
         x = psolve(rhs)
-        for _ in range(4):
+        for _ in range(steps):
             r = residual(x)
             err = r.abs().amax(-1, keepdim=True)
             ref = bnorm + x.abs().amax(-1, keepdim=True) * mscale
             if bool((err <= eps ** 0.75 * ref).all()):
-                break
+                return x, torch.ones(B, dtype=torch.bool, device=x.device)
             x = x + psolve(r)
-        else:
-            if not bool((err <= eps ** 0.5 * ref).all()):
-                x = None
+        return x, (err <= (eps ** 0.5 if loose else eps ** 0.75) * ref).view(B)
+
+    if stored is not None and bool(stored[4].any()):
+        # The forward's last factorisation of each element, of Q + G^T min(D', cap) G with D' the iterate's D one
+        # step before the end. As a preconditioner it is accurate where D' and the final D agree to within what
+        # the KKT system cannot see: on inactive constraints (both ~0; the final D is used) and on active ones
+        # (both capped). Elements where the refinement does not converge (e.g. a constraint still between the two)
+        # are solved again with a fresh factorisation.
+        kind, F, piv, dprev, have = stored
+        dmix = torch.where((d >= 1) & (dprev >= 1), torch.minimum(dprev, cap), torch.minimum(d, cap))
+        x, ok = refine((kind, F, piv) if piv is not None else (kind, F), dmix, 3, False)
+        ok = ok & have
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().view(-1)
+            sub = _adjoint(M[bad], s[bad], lam[bad], gz[bad], glam[bad], gnu[bad], mags.view(B, 3)[bad])
+            x = x.view(B, -1)
+            wz, u, wnu = x[:, :n].clone(), -x[:, n + k:], x[:, n:n + k].clone()
+            for out, val in zip((wz, u, wnu), sub):
+                out[bad] = val
+            return wz, u, wnu
+        x = x.view(B, -1)
+        return x[:, :n], -x[:, n + k:], x[:, n:n + k]
+    dc = torch.minimum(d, cap)
+    fac, info = _factor(Q, G, A, dc.mT, _workspace(B, m, n, 0, gz))
+    x = None
+    if fac[0] == "chol" or not bool(info.any()):
+        x, ok = refine(fac, dc, 4, True)
+        if not bool(ok.all()):
+            x = None
     if x is None:
         rhs_lu = torch.cat([gz, c.view(B, m) * glam, gnu], -1).unsqueeze(-1)
         lu, piv, _ = torch.linalg.lu_factor_ex(_augmented_kkt(Q, G, A, d.view(B, m)))
@@ -504,7 +603,8 @@ class _QPFunction(torch.autograd.Function):
     def forward(ctx, Q, p, G, h, A, b, opts):
         tol, max_iter, on_failure, diag, Qs = opts  # Qs: the symmetric part of Q
         with torch.no_grad():
-            z, s, lam, nu, conv, iters, res, primal, scale, bad, mags, M = _ipm(Qs, p, G, h, A, b, tol, max_iter)
+            (z, s, lam, nu, conv, iters, res, primal, scale, bad, mags, M,
+             store) = _ipm(Qs, p, G, h, A, b, tol, max_iter)
             notconv = ~conv
             if bool(notconv.any()):
                 infeasible = notconv & (primal > tol ** 0.5 * scale)
@@ -535,14 +635,15 @@ class _QPFunction(torch.autograd.Function):
                 diag.iterations = iters
                 diag.nonregular = weak.any(-1)
         ctx.weak = weak.any(-1)
-        ctx.save_for_backward(z, lam, nu, s, M, mags)
+        ctx.kind = store[0]
+        ctx.save_for_backward(z, lam, nu, s, M, mags, *store[1:])
         ctx.mark_non_differentiable(s)
         return z, lam, nu, s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gz, glam, gnu, _gs):
-        z, lam, nu, s, M, mags = ctx.saved_tensors
+        z, lam, nu, s, M, mags, *store = ctx.saved_tensors
         if bool(ctx.weak.any()):
             warnings.warn(
                 f"qp: weakly active constraints (zero slack and zero multiplier) at batch elements "
@@ -552,7 +653,7 @@ class _QPFunction(torch.autograd.Function):
         gz = torch.zeros_like(z) if gz is None else gz
         glam = torch.zeros_like(lam) if glam is None else glam
         gnu = torch.zeros_like(nu) if gnu is None else gnu
-        wz, u, wnu = _adjoint(M, s, lam, gz, glam, gnu, mags)
+        wz, u, wnu = _adjoint(M, s, lam, gz, glam, gnu, mags, (ctx.kind, *store))
         need = ctx.needs_input_grad
         # dQ = -sym(w_z z^T), dG = -lam w_z^T + u z^T, dA = -nu w_z^T - w_nu z^T.
         zr, wr = z.unsqueeze(-2), wz.unsqueeze(-2)
@@ -596,12 +697,13 @@ def qp(Q: Tensor, p: Tensor, G: Optional[Tensor] = None, h: Optional[Tensor] = N
 
     Forward: batched primal-dual interior point method (Mehrotra predictor-corrector with Mehrotra's step length
     heuristic), each iteration one factorisation of the reduced KKT matrix ``[[Q + G^T D G, A^T], [A, 0]]``,
-    ``D = diag(lam / s)`` (Cholesky without equality constraints, else LU), and two or three solves; elements stop
-    updating once converged. Cost ``O(B (n + k)^3)`` per iteration, typically 8-15 iterations.
+    ``D = diag(lam / s)`` capped near the solution (Cholesky without equality constraints, else LU), and two to
+    four solves; elements leave the batch once converged. Cost ``O(B (n + k)^3)`` per iteration, typically 8-15 iterations.
 
     Backward: the OptNet adjoint. With ``[[Q + G^T D G, A^T], [A, 0]] [w_z; w_nu] = [g_z + G^T D g_lam; g_nu]``
-    and ``u = D (g_lam - G w_z)`` (solved in the unreduced form of this system, by iterative refinement with one
-    factorisation of the reduced matrix, ``D`` capped, as preconditioner):
+    and ``u = D (g_lam - G w_z)`` (solved in the unreduced form of this system by iterative refinement,
+    preconditioned with the forward's last factorisation of the reduced matrix, ``D`` capped; elements for which
+    that does not converge are factorised again):
     ``dQ = -sym(w_z z^T)``, ``dp = -w_z``, ``dG = -lam w_z^T + u z^T``, ``dh = -u``,
     ``dA = -nu w_z^T - w_nu z^T``, ``db = w_nu``. As the barrier parameter vanishes this is the exact active-set
     gradient. Weakly active constraints (zero slack and zero multiplier) make the solution non-differentiable;
