@@ -29,7 +29,7 @@ from torch.func import vjp
 from torchddn.diagnostics import (ConvergenceWarning, DDNError, Diagnostics, NonRegularWarning, element_list,
                                   report)
 from torchddn.function import DeclarativeFunction
-from torchddn.implicit import fold_vmap
+from torchddn.implicit import AttachImplicit, ImplicitRule, fold_vmap
 from torchddn.linalg import LinearSolveInfo
 from torchddn.node import DeclarativeNode
 from torchddn.solvers.base import SolverResult, batch_jacobian
@@ -552,14 +552,9 @@ class _ImplicitLinearSolve(torch.autograd.Function):
         return fold_vmap(lambda *a: _ImplicitLinearSolve.apply(op, transpose, *a), info, in_dims[2:], args)
 
 
-def _implicit_vjp(node: DeclarativeNode, fn: Callable[..., Tensor], kind: str, method: str, xs: tuple,
-                  y: Tensor, rhs: Tensor, system: str, singular_text: str, need: Optional[Sequence[bool]] = None,
-                  **solve_options: Any) -> tuple:
-    """Solve ``A(y, xs)ᵀ u = rhs`` (see :class:`_ImplicitOp`) and return ``(∂fn/∂x_i)ᵀ u`` for the floating-point
-    tensor inputs (``None`` for the others). Differentiable (double backward, ``torch.func`` transforms)."""
-    shape = y.shape
-    b = shape[0]
-    pos = [i for i, x in enumerate(xs) if isinstance(x, Tensor)]
+def _residual_map(node: DeclarativeNode, fn: Callable[..., Tensor], kind: str, xs: tuple, shape: torch.Size,
+                  pos: Sequence[int]) -> Callable[[Sequence[Tensor], Tensor], Tensor]:
+    """``G(tensors, yf)``: ``fn(*xs, y)`` on flat ``y`` with the tensor inputs at ``pos`` replaced by ``tensors``."""
 
     def G(tensors: Sequence[Tensor], yf: Tensor) -> Tensor:
         full = list(xs)
@@ -568,11 +563,108 @@ def _implicit_vjp(node: DeclarativeNode, fn: Callable[..., Tensor], kind: str, m
         yshape = torch.Size((yf.shape[0], *shape[1:]))  # under vmap the batch is folded: B * b elements
         return _flat_map(lambda yy: fn(*full, y=yy), yshape, _fn_name(node, kind))(yf)
 
-    op = _ImplicitOp(G, kind, method, **solve_options)
-    u = _ImplicitLinearSolve.apply(op, True, rhs.reshape(b, -1), y.reshape(b, -1), *[xs[i] for i in pos])
-    if op.infos:
-        _record_linear(node, op.infos[-1], system, singular_text)
+    return G
+
+
+def _batched_positions(node: DeclarativeNode, xs: tuple) -> list[int]:
+    shared = node._shared_positions(xs)
+    return [i for i, x in enumerate(xs) if isinstance(x, Tensor) and i not in shared]
+
+
+def _implicit_vjp(node: DeclarativeNode, fn: Callable[..., Tensor], kind: str, method: str, xs: tuple,
+                  y: Tensor, rhs: Tensor, system: str, singular_text: str, need: Optional[Sequence[bool]] = None,
+                  cache: Any = None, key: Optional[Tensor] = None, sign: float = 1.0, **solve_options: Any) -> tuple:
+    """Solve ``A(y, xs)ᵀ u = rhs`` (see :class:`_ImplicitOp`) and return ``(∂fn/∂x_i)ᵀ u`` for the floating-point
+    batched tensor inputs (``None`` for the others). Differentiable (double backward, ``torch.func`` transforms).
+    ``rhs = sign * key``; ``cache`` shares ``A^{-T} key`` with the attached :class:`RootRule` of the same call."""
+    shape = y.shape
+    b = shape[0]
+    pos = _batched_positions(node, xs)
+    G = _residual_map(node, fn, kind, xs, shape, pos)
+    a = cache.get(key) if cache is not None else None
+    if a is None:
+        op = _ImplicitOp(G, kind, method, **solve_options)
+        u = _ImplicitLinearSolve.apply(op, True, rhs.reshape(b, -1), y.reshape(b, -1), *[xs[i] for i in pos])
+        if op.infos:
+            _record_linear(node, op.infos[-1], system, singular_text)
+        if cache is not None:
+            cache.put(key, sign * u)
+    else:
+        u = sign * a
+    if need is not None:
+        need = [bool(n) and i in pos for i, n in enumerate(need)]
+    else:
+        need = [i in pos for i in range(len(xs))]
     return _input_vjp(lambda *xx: fn(*xx, y=y), xs, u.reshape(shape), need)
+
+
+def _implicit_tangent(node: DeclarativeNode, fn: Callable[..., Tensor], kind: str, method: str, xs: tuple,
+                      y: Tensor, tangents: tuple, **solve_options: Any) -> Tensor:
+    """Forward mode: ``dy = -A⁻¹ (∂F/∂x dx)`` with ``F = fn`` (root) or ``F = y - T`` (fixed point)."""
+    shape = y.shape
+    b = shape[0]
+    pos = _batched_positions(node, xs)
+    G = _residual_map(node, fn, kind, xs, shape, pos)
+    yf = y.reshape(b, -1)
+    tensors = [xs[i] for i in pos]
+    tan = [tangents[i] if isinstance(tangents[i], Tensor) else torch.zeros_like(xs[i]) for i in pos]
+    _, dG = torch.func.jvp(lambda *ts: G(ts, yf), tuple(tensors), tuple(tan))
+    rhs = dG if kind == "fixed_point" else -dG   # -∂F/∂x dx
+    op = _ImplicitOp(G, kind, method, **solve_options)
+    dy = _ImplicitLinearSolve.apply(op, False, rhs, yf, *tensors)
+    return dy.reshape(shape)
+
+
+class RootRule(ImplicitRule):
+    """:class:`~torchddn.implicit.ImplicitRule` of a root (``q = F``, ``A = ∂F/∂y``) or fixed-point node
+    (``q = y - T``, ``A = I - ∂T/∂y``): ``q_bar = -A^{-T} v``, ``dy = -A^{-1} dq``."""
+
+    def __init__(self, node: DeclarativeNode, op: "_ImplicitOp", tensors: Sequence[Tensor], yf: Tensor,
+                 yshape: torch.Size, cache: Any, system: str, singular_text: str) -> None:
+        self.node, self.op, self.tensors, self.yf = node, op, list(tensors), yf
+        self.yshape, self.cache, self.system, self.singular_text = torch.Size(yshape), cache, system, singular_text
+
+    def adjoint(self, v: Tensor) -> Tensor:
+        a = self.cache.get(v) if self.cache is not None else None
+        if a is None:
+            b = self.yf.shape[0]
+            a = _ImplicitLinearSolve.apply(self.op, True, v.reshape(b, -1).to(self.yf.dtype), self.yf, *self.tensors)
+            if self.op.infos:
+                _record_linear(self.node, self.op.infos[-1], self.system, self.singular_text)
+        return -a
+
+    def tangent(self, dq: Tensor) -> Tensor:
+        dy = _ImplicitLinearSolve.apply(self.op, False, dq.to(self.yf.dtype), self.yf, *self.tensors)
+        return -dy.reshape(self.yshape)
+
+    def fold(self, k: int) -> "RootRule":
+        rep = lambda t: t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
+        return RootRule(self.node, self.op, [rep(t) for t in self.tensors], rep(self.yf),
+                        torch.Size((k * self.yshape[0], *self.yshape[1:])), None, self.system, self.singular_text)
+
+
+def _attach_root(node: DeclarativeNode, fn: Callable[..., Tensor], kind: str, method: str, xs: tuple, y: Tensor,
+                 ctx: dict, system: str, singular_text: str, **solve_options: Any) -> Tensor:
+    """``y`` plus the implicit rule for the tensors ``fn`` uses besides the batched inputs (see
+    :class:`~torchddn.implicit.ImplicitRule`); ``y`` itself when there are none requiring grad."""
+    if kind == "fixed_point" and node.phantom is not None:
+        solve_options = {"steps": node.phantom, "damping": solve_options.get("damping", 1.0)}
+        method = "phantom"
+    shape = y.shape
+    b = shape[0]
+    pos = _batched_positions(node, xs)
+    live = tuple(x.detach() if i in pos else x for i, x in enumerate(xs))
+    G = _residual_map(node, fn, kind, live, shape, pos)
+    yf = y.detach().reshape(b, -1)
+    tensors = [live[i] for i in pos]
+    with torch.enable_grad():
+        g = G(tensors, yf)
+    if not g.requires_grad:
+        return y
+    q = -g if kind == "fixed_point" else g
+    op = _ImplicitOp(G, kind, method, **solve_options)
+    rule = RootRule(node, op, tensors, yf, shape, ctx.get("_cache"), system, singular_text)
+    return y + AttachImplicit.apply(rule, q - q.detach())
 
 
 def _fn_name(node: DeclarativeNode, kind: str) -> str:
@@ -744,15 +836,32 @@ class FixedPointNode(DeclarativeNode):
         if v.shape != y.shape:
             raise DDNError(f"{type(self).__name__}: incoming gradient has shape {tuple(v.shape)} but y has shape "
                            f"{tuple(y.shape)}")
+        method, opts = self._backward_options()
+        return _implicit_vjp(self, self.T, "fixed_point", method, xs, y, v.to(y.dtype), *_FP_TEXT, need=need,
+                             cache=(ctx or {}).get("_cache"), key=v, sign=1.0, damping=self.damping, **opts)
+
+    def _backward_options(self) -> tuple[str, dict]:
         if self.phantom is not None:
-            method, opts = "phantom", {"steps": self.phantom}
-        else:
-            method, opts = self.backward_solver, {"tol": self.linear_tol, "max_iter": self.linear_max_iter,
-                                                  "restart": self.backward_restart}
-        return _implicit_vjp(self, self.T, "fixed_point", method, xs, y, v.to(y.dtype),
-                             "(I - ∂T/∂y)ᵀ u = v", "I - ∂T/∂y is singular (T is not contractive at the fixed point; "
-                             "the implicit function theorem does not apply)", need=need, damping=self.damping,
-                             **opts)
+            return "phantom", {"steps": self.phantom}
+        return self.backward_solver, {"tol": self.linear_tol, "max_iter": self.linear_max_iter,
+                                      "restart": self.backward_restart}
+
+    def _attach(self, xs: tuple, y: Tensor, ctx: dict) -> Tensor:
+        method, opts = self._backward_options()
+        return _attach_root(self, self.T, "fixed_point", method, xs, y, ctx, *_FP_TEXT, damping=self.damping,
+                            **opts)
+
+    def _implicit_jvp(self, xs: tuple, y: Tensor, tangents: tuple, ctx: Optional[dict]) -> Tensor:
+        """Forward mode: ``dy = (I - ∂T/∂y)⁻¹ ∂T/∂x dx``."""
+        method, opts = self._backward_options()
+        if method == "phantom":
+            method, opts = "gmres", {"tol": self.linear_tol, "max_iter": self.linear_max_iter}
+        return _implicit_tangent(self, self.T, "fixed_point", method, xs, y, tangents, damping=self.damping,
+                                 **opts)
+
+
+_FP_TEXT = ("(I - ∂T/∂y)ᵀ u = v", "I - ∂T/∂y is singular (T is not contractive at the fixed point; the implicit "
+            "function theorem does not apply)")
 
 
 class _FunctionalFixedPointNode(FixedPointNode):

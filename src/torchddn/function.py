@@ -62,7 +62,9 @@ class _DeclarativeFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, node: DeclarativeNode, holder: _Holder, *xs: Any) -> tuple:
-        return fold_vmap(lambda *a: _DeclarativeFunction.apply(node, holder, *a), info, in_dims[2:], xs)
+        keep = node._shared_positions(tuple(x.movedim(d, 0)[0] if isinstance(x, Tensor) and d is not None else x
+                                            for x, d in zip(xs, in_dims[2:])))
+        return fold_vmap(lambda *a: _DeclarativeFunction.apply(node, holder, *a), info, in_dims[2:], xs, keep)
 
 
 class DeclarativeFunction:
@@ -82,7 +84,12 @@ class DeclarativeFunction:
 
 
 def _apply(node: DeclarativeNode, *xs: Any) -> Tensor:
-    return _DeclarativeFunction.apply(node, _Holder(), *xs)
+    holder = _Holder()
+    y = _DeclarativeFunction.apply(node, holder, *xs)
+    if torch.is_grad_enabled() and holder.ctx is not None:
+        # gradients for the tensors the node's functions use besides its batched inputs (see ImplicitRule)
+        y = node._attach(xs, y, holder.ctx)
+    return y
 
 
 _compiled_guard: Any = None

@@ -241,15 +241,24 @@ class ImplicitSolve(torch.autograd.Function):
         return fold_vmap(lambda *a: ImplicitSolve.apply(bp, *a), info, in_dims[1:], args)
 
 
-def fold_vmap(apply: Any, info: Any, in_dims: Sequence[Optional[int]], args: Sequence[Any]) -> tuple:
+def fold_vmap(apply: Any, info: Any, in_dims: Sequence[Optional[int]], args: Sequence[Any],
+              keep: frozenset = frozenset()) -> tuple:
     """A vmap rule for batched autograd Functions: fold the vmapped dimension into the leading batch dimension.
 
     Every tensor argument has the node's batch dimension first; the vmapped dimension is moved to the front (or
     expanded when absent) and merged with it, the function runs once on ``B * b`` elements, and outputs are split.
+    Arguments at the positions in ``keep`` (inputs shared by the whole batch) are passed unchanged; they must not
+    be vmapped.
     """
     size = info.batch_size
     folded = []
-    for a, d in zip(args, in_dims):
+    for i, (a, d) in enumerate(zip(args, in_dims)):
+        if i in keep and isinstance(a, Tensor):
+            if d is not None:
+                raise DDNError(f"torch.func.vmap over input {i}, which the node shares across its batch, is not "
+                               f"supported; give it a batch dimension instead")
+            folded.append(a)
+            continue
         if isinstance(a, Tensor):
             a = a.movedim(d, 0) if d is not None else a.unsqueeze(0).expand(size, *a.shape)
             a = a.reshape(size * a.shape[1], *a.shape[2:]) if a.dim() > 1 else a.reshape(-1)
@@ -348,7 +357,8 @@ def _schur_cg(bp: BoundProblem, rhs: Tensor, yf: Tensor, nu: Optional[Tensor], m
 
 
 def implicit_vjp(bp: BoundProblem, tensors: Sequence[Tensor], need: Sequence[bool], yf: Tensor, vf: Tensor,
-                 state: Optional[ConstraintState]) -> list[Optional[Tensor]]:
+                 state: Optional[ConstraintState], cache: Optional["ImplicitCache"] = None,
+                 key: Optional[Tensor] = None) -> list[Optional[Tensor]]:
     """Vector-Jacobian products ``v^T dy/dx_k`` for each tensor input ``k`` with ``need[k]``.
 
     Cost: one KKT solve (dense: ``m + r`` vmapped Hessian-vector products and an ``O((m + r)^3)`` factorisation;
@@ -357,8 +367,12 @@ def implicit_vjp(bp: BoundProblem, tensors: Sequence[Tensor], need: Sequence[boo
     r = bp.num_constraints
     nu = state.nu if state is not None else None
     mask = state.mask if state is not None else None
-    rhs = vf if r == 0 else torch.cat([vf, vf.new_zeros(vf.shape[0], r)], -1)
-    z = ImplicitSolve.apply(bp, rhs, yf, nu, mask, *tensors)
+    z = cache.get(key) if cache is not None else None
+    if z is None:
+        rhs = vf if r == 0 else torch.cat([vf, vf.new_zeros(vf.shape[0], r)], -1)
+        z = ImplicitSolve.apply(bp, rhs, yf, nu, mask, *tensors)
+        if cache is not None:
+            cache.put(key, z)
     m = yf.shape[-1]
     u, w = z[:, :m], z[:, m:]
     idx = [k for k, n in enumerate(need) if n]
@@ -405,3 +419,143 @@ def warn_nonregular(node_name: str, nonregular: Tensor, state: Optional[Constrai
     if conditions:
         warnings.warn(f"{node_name}: non-regular solution: " + "; ".join(conditions)
                       + ". Returning the minimum-norm (pseudo-inverse) gradient.", NonRegularWarning, stacklevel=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients for every tensor a node depends on: the implicit rule attached by ordinary autograd
+# ---------------------------------------------------------------------------------------------------------------
+
+class ImplicitRule:
+    """The implicit rule of a node at its solution, for tensors that autograd reaches only through its functions.
+
+    A node's solution ``y*`` satisfies an optimality condition ``q(theta, z*) = 0`` (``z* = y*``, or ``(y*, nu*)``
+    for constrained problems) whose Jacobian ``A = dq/dz`` is invertible. For any tensor ``theta`` the node's
+    functions use -- a node's ``nn.Parameter``, a buffer, a tensor captured by a closure, an input shared by the
+    whole batch -- the implicit function theorem gives ``dz = -A^{-1} (dq/dtheta) dtheta``. The node evaluates
+    ``q`` once at the solution *with* autograd (``theta`` live, the solution and the batched inputs constant) and
+    returns ``y* + AttachImplicit(rule, q - q.detach())``: the added term is zero in value, and its backward maps
+    the incoming ``v`` to ``q_bar = -A^{-T} E v`` (``E`` embeds ``v`` into ``z``'s space), after which ordinary
+    autograd computes ``theta_bar = (dq/dtheta)^T q_bar`` for every such tensor at once. Shared tensors are thus
+    never expanded to the batch: their gradient is one reduction and costs ``O(size of theta)`` memory.
+
+    Subclasses implement :meth:`adjoint` (``v -> q_bar``), :meth:`tangent` (``dq -> dy``, forward mode) and
+    :meth:`fold` (repeat the rule's per-element data ``k`` times, for ``torch.func.vmap``).
+    """
+
+    yshape: torch.Size
+
+    def adjoint(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def tangent(self, dq: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fold(self, k: int) -> "ImplicitRule":
+        raise NotImplementedError
+
+
+class AttachImplicit(torch.autograd.Function):
+    """``AttachImplicit.apply(rule, dq) -> 0`` of the solution's shape; backward ``v -> rule.adjoint(v)``, forward
+    mode ``dq -> rule.tangent(dq)`` (see :class:`ImplicitRule`)."""
+
+    @staticmethod
+    def forward(rule: ImplicitRule, dq: Tensor) -> Tensor:
+        return dq.new_zeros(rule.yshape)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.rule = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, v: Tensor) -> tuple:
+        return None, ctx.rule.adjoint(v)
+
+    @staticmethod
+    def jvp(ctx: Any, rule_t: Any, dq: Tensor) -> Tensor:
+        return ctx.rule.tangent(dq)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, rule: ImplicitRule, dq: Tensor) -> tuple:
+        size = info.batch_size
+        d = in_dims[1]
+        dq = dq.movedim(d, 0) if d is not None else dq.unsqueeze(0).expand(size, *dq.shape)
+        out = AttachImplicit.apply(rule.fold(size), dq.reshape(size * dq.shape[1], *dq.shape[2:]))
+        return out.reshape(size, out.shape[0] // size, *out.shape[1:]), 0
+
+
+def shared_positions(xs: Sequence[Any]) -> frozenset:
+    """Positions of tensor inputs without the batch dimension: 0-d tensors, and tensors whose leading size differs
+    from that of the first tensor input with at least one dimension."""
+    b = next((x.shape[0] for x in xs if isinstance(x, Tensor) and x.dim() > 0), None)
+    return frozenset(i for i, x in enumerate(xs)
+                     if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[0] != b))
+
+
+class ImplicitCache:
+    """Shares one adjoint solve between the explicit-input backward and the attached rule of the same call: both
+    receive the same incoming gradient object."""
+
+    __slots__ = ("v", "version", "value")
+
+    def __init__(self) -> None:
+        self.v: Optional[Tensor] = None
+        self.version = -1
+        self.value: Optional[Tensor] = None
+
+    def get(self, v: Optional[Tensor]) -> Optional[Tensor]:
+        if v is None or self.v is not v or self.version != v._version:
+            return None
+        return self.value
+
+    def put(self, v: Optional[Tensor], value: Tensor) -> None:
+        if v is not None:
+            self.v, self.version, self.value = v, v._version, value
+
+
+class KKTRule(ImplicitRule):
+    """:class:`ImplicitRule` of an optimisation node: ``q = [grad_y L; M c]`` and ``A = K``, the masked KKT matrix
+    of :class:`ImplicitSolve` (Props. 4.4-4.6), so ``q_bar = -K^{-1} [v; 0]`` and ``dy = -[K^{-1} dq]_y``."""
+
+    def __init__(self, node: Any, bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor,
+                 state: Optional[ConstraintState], yshape: torch.Size, cache: Optional[ImplicitCache]) -> None:
+        self.node, self.bp, self.tensors, self.yf, self.state = node, bp, list(tensors), yf, state
+        self.yshape, self.cache = torch.Size(yshape), cache
+
+    def _solve(self, rhs: Tensor) -> Tensor:
+        st = self.state
+        return ImplicitSolve.apply(self.bp, rhs, self.yf, None if st is None else st.nu,
+                                   None if st is None else st.mask, *self.tensors)
+
+    def adjoint(self, v: Tensor) -> Tensor:
+        z = self.cache.get(v) if self.cache is not None else None
+        if z is None:
+            b = self.yf.shape[0]
+            vf = v.reshape(b, -1).to(self.yf.dtype)
+            r = self.bp.num_constraints
+            rhs = vf if r == 0 else torch.cat([vf, vf.new_zeros(b, r)], -1)
+            z = self._solve(rhs)
+            self.node._record_backward(self.bp, self.state, b)
+        return -z
+
+    def tangent(self, dq: Tensor) -> Tensor:
+        z = self._solve(dq.to(self.yf.dtype))
+        return -z[:, :self.yf.shape[1]].reshape(self.yshape)
+
+    def fold(self, k: int) -> "KKTRule":
+        st = self.state
+        rep = lambda t: t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
+        if st is not None:
+            st = ConstraintState(*(rep(getattr(st, f)) for f in ConstraintState.__dataclass_fields__))
+        return KKTRule(self.node, self.bp, [rep(t) for t in self.tensors], rep(self.yf), st,
+                       torch.Size((k * self.yshape[0], *self.yshape[1:])), None)
+
+
+def kkt_residual_live(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor, state: Optional[ConstraintState]
+                      ) -> Tensor:
+    """``q = [grad_y L(x, y, nu); M c(x, y)]`` at a constant ``y``, differentiable in every tensor the node's
+    functions use except ``y`` (``torch.func.grad`` keeps the outer autograd graph of captured tensors)."""
+    nu = state.nu if state is not None else None
+    gl = grad(lambda t: bp.lagrangian(tensors, t, nu).sum())(yf)
+    if not bp.num_constraints:
+        return gl
+    return torch.cat([gl, bp.c(tensors, yf) * state.mask.to(yf.dtype)], -1)

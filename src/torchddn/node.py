@@ -6,14 +6,15 @@ migrates by changing the import.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from torchddn import linalg
 from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
-from torchddn.implicit import (BoundProblem, ConstraintState, ImplicitSolve, constraint_state, implicit_vjp,
+from torchddn.implicit import (AttachImplicit, BoundProblem, ConstraintState, ImplicitCache, ImplicitSolve,
+                               KKTRule, constraint_state, implicit_vjp, kkt_residual_live, shared_positions,
                                warn_nonregular)
 from torchddn.solvers import DEFAULTS, Problem, get_solver
 from torchddn.solvers.base import batch_grad, batch_hessian, batch_hvp, value_and_batch_grad
@@ -73,7 +74,7 @@ class DeclarativeNode:
                  active_tol: Optional[float] = None, check_tol: Optional[float] = None, on_failure: str = "warn",
                  dense_max: int = 128, check_inputs: bool = True, unroll_steps: Optional[int] = None,
                  unroll_method: Optional[str] = None, unroll_lr: Optional[float] = None,
-                 jf_hessian: str = "identity") -> None:
+                 jf_hessian: str = "identity", shared_inputs: Optional[Sequence[int]] = None) -> None:
         if backward not in BACKWARD_MODES:
             raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
         if on_failure not in ("warn", "raise", "ignore"):
@@ -81,7 +82,10 @@ class DeclarativeNode:
         if jf_hessian not in ("identity", "diagonal"):
             raise ValueError(f"jf_hessian must be 'identity' or 'diagonal', got {jf_hessian!r}")
         self.backward = backward
-        self.gamma = float(gamma)
+        self.gamma = 0.0 if gamma is None else float(gamma)
+        if gamma is not None and not self.gamma >= 0:
+            raise ValueError(f"gamma must be None or a non-negative number, got {gamma!r}")
+        self.shared_inputs = None if shared_inputs is None else tuple(int(i) for i in shared_inputs)
         self.solver = solver
         self.tol = tol
         self.max_iter = max_iter
@@ -178,9 +182,21 @@ class DeclarativeNode:
     def _constraint_counts(self, xs: tuple, y: Tensor) -> tuple[int, int]:
         return 0, 0
 
+    def _shared_positions(self, xs: tuple) -> frozenset:
+        """Positions of the tensor inputs shared by the whole batch (no leading batch dimension).
+
+        ``shared_inputs`` declares them; otherwise a tensor input is shared when it is 0-d or its leading size
+        differs from the batch size ``b``, the leading size of the first tensor input with at least one
+        dimension. Shared inputs are passed to the node's functions unchanged and get their gradient by one
+        reduction over the batch (never expanded to it)."""
+        if self.shared_inputs is not None:
+            return frozenset(i % len(xs) for i in self.shared_inputs) if xs else frozenset()
+        return shared_positions(xs)
+
     def _bind(self, xs: tuple, y: Tensor, hess_mode: str = "exact") -> BoundProblem:
-        tensor_pos = tuple(i for i, x in enumerate(xs) if isinstance(x, Tensor))
-        template = tuple(None if isinstance(x, Tensor) else x for x in xs)
+        shared = self._shared_positions(xs)
+        tensor_pos = tuple(i for i, x in enumerate(xs) if isinstance(x, Tensor) and i not in shared)
+        template = tuple(None if i in tensor_pos else x for i, x in enumerate(xs))
         p, q = self._constraint_counts(xs, y)
         method = self.backward if self.backward in ("dense", "cg", "minres") else "auto"
         return BoundProblem(self, template, tensor_pos, tuple(y.shape[1:]), p, q, hess_mode, self.gamma, method,
@@ -199,9 +215,18 @@ class DeclarativeNode:
 
     def _check_batch(self, xs: tuple) -> int:
         name = type(self).__name__
-        sizes = [(i, x) for i, x in enumerate(xs) if isinstance(x, Tensor)]
+        shared = self._shared_positions(xs)
+        if self.check_inputs:
+            for i in sorted(shared):
+                x = xs[i]
+                if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()) and \
+                        not bool(torch.isfinite(x.detach()).all()):
+                    raise DDNError(f"{name}: shared input {i} (shape {tuple(x.shape)}) contains NaN or Inf")
+        sizes = [(i, x) for i, x in enumerate(xs) if isinstance(x, Tensor) and i not in shared]
         if not sizes:
-            raise DDNError(f"{name}: at least one input must be a tensor with a leading batch dimension")
+            zero_d = [i for i, x in enumerate(xs) if isinstance(x, Tensor) and x.dim() == 0]
+            what = f" (input {zero_d[0]} is a 0-d tensor)" if zero_d else ""
+            raise DDNError(f"{name}: at least one input must be a tensor with a leading batch dimension{what}")
         for i, x in sizes:
             if x.dim() == 0:
                 raise DDNError(f"{name}: input {i} is a 0-d tensor; every tensor input needs a leading batch "
@@ -224,7 +249,17 @@ class DeclarativeNode:
         """Solve, check and record diagnostics. Runs without autograd."""
         name = type(self).__name__
         b = self._check_batch(xs)
-        out = self.solve(*xs)
+        shared = self._shared_positions(xs) if self.shared_inputs is None else frozenset()
+        try:
+            out = self.solve(*xs)
+        except (RuntimeError, IndexError) as err:
+            if not shared:
+                raise
+            shapes = ", ".join(f"input {i}: {tuple(x.shape)}" for i, x in enumerate(xs) if isinstance(x, Tensor))
+            raise DDNError(f"{name}: tensor inputs must share the batch size (leading dimension) {b}, or be inputs "
+                           f"shared by the whole batch; inputs {sorted(shared)} have another leading size and were "
+                           f"passed unchanged as shared inputs, but solving failed on them ({shapes}): {err}. Give "
+                           f"them the batch dimension, or declare shared_inputs=(...) on the node") from err
         if not (isinstance(out, tuple) and len(out) == 2):
             raise DDNError(f"{name}.solve must return a tuple (y, ctx), got {type(out).__name__}")
         y, ctx = out
@@ -241,6 +276,7 @@ class DeclarativeNode:
                 raise DDNError(f"{name}: the solution y contains NaN or Inf at batch elements {element_list(~finite)}")
         diag = self._diagnose(xs, y, ctx)
         self.diagnostics = diag
+        ctx["_cache"] = ImplicitCache()
         return y, ctx
 
     def _diagnose(self, xs: tuple, y: Tensor, ctx: dict) -> Diagnostics:
@@ -253,6 +289,7 @@ class DeclarativeNode:
         fval, gf = value_and_batch_grad(lambda t: bp.f(tensors, t), yf)
         if state is not None:
             ctx["nu"] = state.nu
+            ctx["_state"] = state
             resid = gf - (state.jac.transpose(-1, -2) @ state.nu.unsqueeze(-1)).squeeze(-1)
             residual = resid.norm(dim=-1) + state.dual_infeasible
             cv = state.cval.clone()
@@ -312,11 +349,51 @@ class DeclarativeNode:
         if hess_mode == "diagonal":
             lag = lambda t: bp.lagrangian(tensors, t, state.nu if state is not None else None)  # noqa: E731
             bp.hess_diag = torch.diagonal(batch_hessian(lag, yf.detach()), dim1=-2, dim2=-1).detach()
-        grads = implicit_vjp(bp, tensors, tneed, yf, v.reshape(b, -1), state)
+        grads = implicit_vjp(bp, tensors, tneed, yf, v.reshape(b, -1), state,
+                             (ctx or {}).get("_cache") if hess_mode == "exact" else None, v)
         for pos, g in zip(bp.tensor_pos, grads):
             out[pos] = g
         self._record_backward(bp, state, b)
         return tuple(out)
+
+    def _attach(self, xs: tuple, y: Tensor, ctx: dict) -> Tensor:
+        """``y`` plus the implicit rule for every tensor the node's functions use other than its batched inputs
+        (parameters and buffers of a node that is an ``nn.Module``, tensors captured by its methods, shared
+        inputs): see :class:`~torchddn.implicit.ImplicitRule`. Returns ``y`` unchanged when there are none that
+        require grad. Cost: one evaluation of ``grad_y L`` (and the constraints) at the solution in the forward;
+        in the backward, the KKT solve is shared with the batched inputs' one."""
+        if type(self).gradient is not DeclarativeNode.gradient:
+            return y
+        b = y.shape[0]
+        ystar = y.detach()
+        yf = ystar.reshape(b, -1)
+        hess_mode = self.jf_hessian if self.backward == "jacobian_free" else "exact"
+        bp = self._bind(xs, ystar, hess_mode)
+        tensors = [xs[i].detach() for i in bp.tensor_pos]
+        with torch.enable_grad():
+            probe = bp.f(tensors, yf)
+            live = probe.requires_grad
+            if not live and bp.num_constraints:
+                live = bp.c(tensors, yf).requires_grad
+        if not live:
+            return y
+        state = ctx.get("_state")
+        if bp.num_constraints and (state is None or state.nu.shape[0] != b):
+            with torch.no_grad():
+                state = constraint_state(bp, tensors, yf, None, self.active_tol)
+        if not bp.num_constraints:
+            state = None
+        if hess_mode == "diagonal":
+            with torch.no_grad():
+                lag = lambda t: bp.lagrangian(tensors, t, state.nu if state is not None else None)  # noqa: E731
+                bp.hess_diag = torch.diagonal(batch_hessian(lag, yf), dim1=-2, dim2=-1)
+        with torch.enable_grad():
+            q = kkt_residual_live(bp, tensors, yf, state)
+        if not q.requires_grad:
+            return y
+        cache = ctx.get("_cache") if hess_mode == "exact" else None
+        rule = KKTRule(self, bp, tensors, yf, state, y.shape, cache)
+        return y + AttachImplicit.apply(rule, q - q.detach())
 
     def _implicit_jvp(self, xs: tuple, y: Tensor, tangents: tuple, ctx: Optional[dict]) -> Tensor:
         """Forward-mode product ``Dy(x) dx``: ``dy = -[K^-1 [B dx; C dx]]_y`` (used by ``jvp``/``jacfwd``)."""

@@ -24,7 +24,8 @@ from torch import Tensor
 from torch.func import jvp
 
 from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
-from torchddn.fixed_point import _check_y, _detach_all, _flat_map, _implicit_vjp, dense_solve_general, gmres
+from torchddn.fixed_point import (_attach_root, _check_y, _detach_all, _flat_map, _implicit_tangent, _implicit_vjp,
+                                  dense_solve_general, gmres)
 from torchddn.function import DeclarativeFunction
 from torchddn.node import DeclarativeNode
 from torchddn.solvers.base import SolverResult, batch_jacobian
@@ -185,12 +186,27 @@ class RootNode(DeclarativeNode):
         if v.shape != y.shape:
             raise DDNError(f"{type(self).__name__}: incoming gradient has shape {tuple(v.shape)} but y has shape "
                            f"{tuple(y.shape)}")
+        return _implicit_vjp(self, self.optimality, "root", self._method(y), xs, y, -v.to(y.dtype), *_ROOT_TEXT,
+                             need=need, cache=(ctx or {}).get("_cache"), key=v, sign=-1.0, tol=self.linear_tol,
+                             max_iter=self.linear_max_iter)
+
+    def _method(self, y: Tensor) -> str:
         method = self.backward_method
         if method == "auto":
             method = "dense" if y[0].numel() <= self.dense_max else "gmres"
-        return _implicit_vjp(self, self.optimality, "root", method, xs, y, -v.to(y.dtype), "(∂F/∂y)ᵀ u = -v",
-                             "∂F/∂y is singular at the root (the implicit function theorem does not apply)",
-                             need=need, tol=self.linear_tol, max_iter=self.linear_max_iter)
+        return method
+
+    def _attach(self, xs: tuple, y: Tensor, ctx: dict) -> Tensor:
+        return _attach_root(self, self.optimality, "root", self._method(y), xs, y, ctx, *_ROOT_TEXT,
+                            tol=self.linear_tol, max_iter=self.linear_max_iter)
+
+    def _implicit_jvp(self, xs: tuple, y: Tensor, tangents: tuple, ctx: Optional[dict]) -> Tensor:
+        """Forward mode: ``dy = -(∂F/∂y)⁻¹ ∂F/∂x dx``."""
+        return _implicit_tangent(self, self.optimality, "root", self._method(y), xs, y, tangents,
+                                 tol=self.linear_tol, max_iter=self.linear_max_iter)
+
+
+_ROOT_TEXT = ("(∂F/∂y)ᵀ u = -v", "∂F/∂y is singular at the root (the implicit function theorem does not apply)")
 
 
 class _CustomRootNode(RootNode):
