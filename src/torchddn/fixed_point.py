@@ -29,7 +29,7 @@ from torch.func import vjp
 from torchddn.diagnostics import (ConvergenceWarning, DDNError, Diagnostics, NonRegularWarning, element_list,
                                   report)
 from torchddn.function import DeclarativeFunction
-from torchddn.implicit import AttachImplicit, ImplicitRule, fold_vmap
+from torchddn.implicit import AttachImplicit, ImplicitRule, fold_vmap, is_live
 from torchddn.linalg import LinearSolveInfo
 from torchddn.node import DeclarativeNode
 from torchddn.solvers.base import SolverResult, batch_jacobian
@@ -631,6 +631,8 @@ class RootRule(ImplicitRule):
             a = _ImplicitLinearSolve.apply(self.op, True, v.reshape(b, -1).to(self.yf.dtype), self.yf, *self.tensors)
             if self.op.infos:
                 _record_linear(self.node, self.op.infos[-1], self.system, self.singular_text)
+            if self.cache is not None:
+                self.cache.put(v, a)
         return -a
 
     def tangent(self, dq: Tensor) -> Tensor:
@@ -659,7 +661,7 @@ def _attach_root(node: DeclarativeNode, fn: Callable[..., Tensor], kind: str, me
     tensors = [live[i] for i in pos]
     with torch.enable_grad():
         g = G(tensors, yf)
-    if not g.requires_grad:
+    if not is_live(g):
         return y
     q = -g if kind == "fixed_point" else g
     op = _ImplicitOp(G, kind, method, **solve_options)

@@ -10,6 +10,9 @@ from torchddn.implicit import fold_vmap
 from torchddn.node import DeclarativeNode
 
 
+_SLOT = object()  # where a tensor input goes in a saved input template (None is a valid non-tensor input)
+
+
 class _Holder:
     """Carries the solver's ``ctx`` dict from ``forward`` to ``setup_context`` (it is not a tensor)."""
 
@@ -31,7 +34,7 @@ class _DeclarativeFunction(torch.autograd.Function):
         node, holder, *xs = inputs
         ctx.node = node
         ctx.solve_ctx = holder.ctx
-        ctx.template = tuple(None if isinstance(x, Tensor) else x for x in xs)
+        ctx.template = tuple(_SLOT if isinstance(x, Tensor) else x for x in xs)
         tensors = [x for x in xs if isinstance(x, Tensor)]
         ctx.save_for_backward(output, *tensors)
         ctx.save_for_forward(output, *tensors)
@@ -40,7 +43,7 @@ class _DeclarativeFunction(torch.autograd.Function):
     def backward(ctx: Any, v: Tensor) -> tuple:
         y, *tensors = ctx.saved_tensors
         it = iter(tensors)
-        xs = tuple(next(it) if t is None else t for t in ctx.template)
+        xs = tuple(next(it) if t is _SLOT else t for t in ctx.template)
         node: DeclarativeNode = ctx.node
         need = list(ctx.needs_input_grad[2:])
         if not any(need):
@@ -57,7 +60,7 @@ class _DeclarativeFunction(torch.autograd.Function):
     def jvp(ctx: Any, node_t: Any, holder_t: Any, *x_tangents: Any) -> Tensor:
         y, *tensors = ctx.saved_tensors
         it = iter(tensors)
-        xs = tuple(next(it) if t is None else t for t in ctx.template)
+        xs = tuple(next(it) if t is _SLOT else t for t in ctx.template)
         return ctx.node._implicit_jvp(xs, y, x_tangents, ctx.solve_ctx)
 
     @staticmethod

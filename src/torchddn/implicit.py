@@ -483,6 +483,23 @@ class AttachImplicit(torch.autograd.Function):
         return out.reshape(size, out.shape[0] // size, *out.shape[1:]), 0
 
 
+def is_live(t: Any) -> bool:
+    """Whether ``t`` carries a derivative of any kind: autograd (``requires_grad``), a forward-mode dual, or a
+    ``torch.func`` gradient/JVP level."""
+    if not isinstance(t, Tensor):
+        return False
+    if t.requires_grad:
+        return True
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(t):
+        if ft.is_gradtrackingtensor(t):
+            return True
+        t = ft.get_unwrapped(t)
+    if t.requires_grad:
+        return True
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
 def shared_positions(xs: Sequence[Any]) -> frozenset:
     """Positions of tensor inputs without the batch dimension: 0-d tensors, and tensors whose leading size differs
     from that of the first tensor input with at least one dimension."""
@@ -503,13 +520,19 @@ class ImplicitCache:
         self.value: Optional[Tensor] = None
 
     def get(self, v: Optional[Tensor]) -> Optional[Tensor]:
-        if v is None or self.v is not v or self.version != v._version:
+        if v is None or self.v is None:
             return None
-        return self.value
+        if self.v is v and self.version == v._version:
+            return self.value
+        # autograd may hand the two branches equal gradients in different tensors (e.g. made contiguous)
+        if self.v.shape == v.shape and self.v.dtype == v.dtype and self.v.device == v.device and \
+                bool(torch.equal(self.v, v)):
+            return self.value
+        return None
 
     def put(self, v: Optional[Tensor], value: Tensor) -> None:
         if v is not None:
-            self.v, self.version, self.value = v, v._version, value
+            self.v, self.version, self.value = v.detach().clone(), v._version, value
 
 
 class KKTRule(ImplicitRule):
@@ -535,6 +558,8 @@ class KKTRule(ImplicitRule):
             rhs = vf if r == 0 else torch.cat([vf, vf.new_zeros(b, r)], -1)
             z = self._solve(rhs)
             self.node._record_backward(self.bp, self.state, b)
+            if self.cache is not None:
+                self.cache.put(v, z)
         return -z
 
     def tangent(self, dq: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchddn import linalg
 from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
 from torchddn.implicit import (AttachImplicit, BoundProblem, ConstraintState, ImplicitCache, ImplicitSolve,
-                               KKTRule, constraint_state, implicit_vjp, kkt_residual_live, shared_positions,
+                               KKTRule, constraint_state, implicit_vjp, is_live, kkt_residual_live, shared_positions,
                                warn_nonregular)
 from torchddn.solvers import DEFAULTS, Problem, get_solver
 from torchddn.solvers.base import batch_grad, batch_hessian, batch_hvp, value_and_batch_grad
@@ -371,10 +371,9 @@ class DeclarativeNode:
         bp = self._bind(xs, ystar, hess_mode)
         tensors = [xs[i].detach() for i in bp.tensor_pos]
         with torch.enable_grad():
-            probe = bp.f(tensors, yf)
-            live = probe.requires_grad
+            live = is_live(bp.f(tensors, yf))
             if not live and bp.num_constraints:
-                live = bp.c(tensors, yf).requires_grad
+                live = is_live(bp.c(tensors, yf))
         if not live:
             return y
         state = ctx.get("_state")
@@ -389,7 +388,7 @@ class DeclarativeNode:
                 bp.hess_diag = torch.diagonal(batch_hessian(lag, yf), dim1=-2, dim2=-1)
         with torch.enable_grad():
             q = kkt_residual_live(bp, tensors, yf, state)
-        if not q.requires_grad:
+        if not is_live(q):
             return y
         cache = ctx.get("_cache") if hess_mode == "exact" else None
         rule = KKTRule(self, bp, tensors, yf, state, y.shape, cache)
