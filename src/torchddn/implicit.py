@@ -122,13 +122,14 @@ class BoundProblem:
         _, jz = jvp(cfun, (yf,), (zu,))
         _, vjp_fn = vjp(cfun, yf)
         jtw = vjp_fn(zw * maskf)[0]
-        return torch.cat([hz + jtw, maskf * jz - (1 - maskf) * zw], -1)
+        return torch.cat([hz + jtw, maskf * jz - (maskf == 0).to(yf.dtype) * zw], -1)
 
 
 @dataclass
 class ConstraintState:
     """Constraint values ``(b, r)``, Jacobian ``(b, r, m)``, active mask ``(b, r)``, multipliers ``(b, r)`` and
-    non-regularity flags ``(b,)`` (``vanishing``, ``dependent``, ``weak``)."""
+    non-regularity flags ``(b,)`` (``vanishing``, ``dependent``, ``weak``), for the constraints divided by
+    ``cscale`` ``(b, r)`` (see :func:`constraint_state`)."""
 
     cval: Tensor
     jac: Tensor
@@ -138,6 +139,14 @@ class ConstraintState:
     dependent: Tensor
     weak: Tensor
     dual_infeasible: Tensor
+    cscale: Optional[Tensor] = None
+
+    @property
+    def weights(self) -> Tensor:
+        """``(b, r)``: ``cscale`` on the active constraints, 0 on the inactive ones: the rows of the KKT system
+        are the active constraints divided by their gradient norms (see :func:`constraint_state`)."""
+        w = self.mask.to(self.jac.dtype)
+        return w if self.cscale is None else w * self.cscale
 
 
 def default_active_tol(dtype: torch.dtype) -> float:
@@ -146,47 +155,65 @@ def default_active_tol(dtype: torch.dtype) -> float:
 
 def constraint_state(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor, nu: Optional[Tensor],
                      active_tol: Optional[float] = None) -> ConstraintState:
-    """Active set, multipliers and regularity at ``y``.
+    """Active set, multipliers and regularity at ``y``, invariant to how each constraint is scaled.
 
-    An inequality ``g_i`` is active when ``g_i >= -tol * (1 + ||grad g_i|| * ||y||)``, a tolerance on the distance to
-    the constraint relative to the size of ``y``. Multipliers are taken from ``nu`` (convention
-    ``grad f = J^T nu``) or recovered as the least-squares (pseudo-inverse) solution over the active constraints.
+    Each constraint ``c_i`` is divided by the norm of its gradient at ``y`` (``cscale``, a constant; a vanishing
+    gradient keeps scale 1) for every test below and, through :attr:`ConstraintState.weights`, in the rows of the
+    KKT system, so multiplying a constraint by any positive constant changes neither the gradient nor the
+    verdicts. ``nu`` is returned for the constraints as written.
+
+    * An inequality is active when its distance to the boundary, ``g_i / ||grad g_i||``, is at least
+      ``-tol (1 + ||y||)``.
+    * Multipliers are taken from ``nu`` (convention ``grad f = J^T nu``) or recovered as the least-squares
+      (pseudo-inverse) solution over the active constraints.
+    * A constraint gradient vanishes when it is small against the change of the gradient over the scale of ``y``:
+      ``||grad c_i|| <= sqrt(eps) ||(grad^2 c_i) y||`` (and when it is exactly zero); linear constraints never
+      vanish.
+    * Active constraints are dependent when the Gram matrix of the normalised active rows is singular.
+    * An active inequality is weak when ``|nu_i| <= weak_tol max(||grad f||, max_j |nu_j|)``.
     """
     tol = default_active_tol(yf.dtype) if active_tol is None else active_tol
     p, r = bp.num_eq, bp.num_constraints
-    cval, jac = batch_jacobian(lambda t: bp.c(tensors, t), yf)
+    cfun = lambda t: bp.c(tensors, t)  # noqa: E731
+    cval, jac = batch_jacobian(cfun, yf)
+    eps = torch.finfo(yf.dtype).eps
+    tiny = torch.finfo(yf.dtype).tiny
     gnorm = jac.norm(dim=-1)  # (b, r)
+    # curvature of each constraint along y, (grad^2 c_i) y: one forward-mode product of the Jacobian
+    curv = jvp(lambda t: batch_jacobian(cfun, t)[1], (yf,), (yf,))[1].norm(dim=-1)  # (b, r)
+    vanishing_i = (gnorm <= tiny) | (gnorm <= eps ** 0.5 * curv)
+    cscale = torch.where(vanishing_i, torch.ones_like(gnorm), 1.0 / gnorm.clamp_min(tiny)).detach()
+    cval_s, jac_s = cval * cscale, jac * cscale[..., None]
+    gnorm_s = torch.where(vanishing_i, gnorm, torch.ones_like(gnorm))
     ynorm = yf.norm(dim=-1, keepdim=True)
     mask = torch.ones_like(cval, dtype=torch.bool)
     if r > p:
-        ineq_active = cval[:, p:] >= -tol * (1 + gnorm[:, p:] * ynorm)
+        ineq_active = cval_s[:, p:] >= -tol * (1 + ynorm)
         mask = torch.cat([mask[:, :p], ineq_active], -1)
     maskf = mask.to(yf.dtype)
-    jm = jac * maskf[..., None]
+    jm = jac_s * maskf[..., None]
     gram = jm @ jm.transpose(-1, -2)
-    scale = gnorm.amax(-1).clamp_min(torch.finfo(yf.dtype).tiny) ** 2
+    gf = batch_grad(lambda t: bp.f(tensors, t), yf)
     if nu is None:
-        gf = batch_grad(lambda t: bp.f(tensors, t), yf)
         rhs = (jm @ gf.unsqueeze(-1)).squeeze(-1)
         gram_reg = gram + torch.diag_embed(1 - maskf)
-        nu = (torch.linalg.pinv(gram_reg, hermitian=True, rtol=1e-10 if yf.dtype == torch.float64 else 1e-5)
-              @ rhs.unsqueeze(-1)).squeeze(-1)
+        nu_s = (torch.linalg.pinv(gram_reg, hermitian=True, rtol=1e-10 if yf.dtype == torch.float64 else 1e-5)
+                @ rhs.unsqueeze(-1)).squeeze(-1)
     else:
-        nu = nu.reshape(yf.shape[0], r).to(yf.dtype)
-    nu = nu * maskf
-    eps = torch.finfo(yf.dtype).eps
-    vanishing = ((gnorm ** 2 <= 100 * eps * scale[:, None]) & mask).any(-1)
-    evals = torch.linalg.eigvalsh(gram + torch.diag_embed(1 - maskf) * scale[:, None, None])
-    dependent = (evals.amin(-1) <= r * 100 * eps * scale) & ~vanishing
+        nu_s = nu.reshape(yf.shape[0], r).to(yf.dtype) / cscale
+    nu_s = nu_s * maskf
+    vanishing = (vanishing_i & mask).any(-1)
+    evals = torch.linalg.eigvalsh(gram + torch.diag_embed(1 - maskf))
+    dependent = (evals.amin(-1) <= r * 100 * eps) & ~vanishing
     weak = torch.zeros_like(vanishing)
     dual_infeasible = torch.zeros(yf.shape[0], dtype=yf.dtype, device=yf.device)
     if r > p:
-        nu_ineq = nu[:, p:]
-        size = nu.abs().amax(-1, keepdim=True).clamp_min(1.0)
+        nu_ineq = nu_s[:, p:]
+        size = torch.maximum(gf.norm(dim=-1), nu_s.abs().amax(-1)).clamp_min(tiny)[:, None]
         weak_tol = 1e-8 if yf.dtype == torch.float64 else 1e-4
-        weak = ((nu_ineq.abs() * gnorm[:, p:] <= weak_tol * size) & mask[:, p:]).any(-1)
+        weak = ((nu_ineq.abs() * gnorm_s[:, p:] <= weak_tol * size) & mask[:, p:]).any(-1)
         dual_infeasible = nu_ineq.clamp_min(0).norm(dim=-1)
-    return ConstraintState(cval, jac, mask, nu, vanishing, dependent, weak, dual_infeasible)
+    return ConstraintState(cval, jac, mask, nu_s * cscale, vanishing, dependent, weak, dual_infeasible, cscale)
 
 
 class ImplicitSolve(torch.autograd.Function):
@@ -292,7 +319,7 @@ def cached_kkt_matvec(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor, n
     def matvec(z: Tensor) -> Tensor:
         zu, zw = z[..., :m], z[..., m:]
         top = hess(zu) + (jm.transpose(-1, -2) @ zw.unsqueeze(-1)).squeeze(-1)
-        bottom = (jm @ zu.unsqueeze(-1)).squeeze(-1) - (1 - maskf) * zw
+        bottom = (jm @ zu.unsqueeze(-1)).squeeze(-1) - (maskf == 0).to(yf.dtype) * zw
         return torch.cat([top, bottom], -1)
 
     return matvec
@@ -345,7 +372,7 @@ def _schur_cg(bp: BoundProblem, rhs: Tensor, yf: Tensor, nu: Optional[Tensor], m
         op = linalg.LinearOperator(cached_kkt_matvec(bp, tensors, yf, nu, mask), m + r, True, False)
         return linalg.solve(op, rhs, "minres", bp.tol, bp.max_iter)
     hinv_a, hinv_jt = sol[0], sol[1:].transpose(0, 1)  # (b, m), (b, r, m)
-    schur = jm @ hinv_jt.transpose(-1, -2) + torch.diag_embed(1 - maskf)
+    schur = jm @ hinv_jt.transpose(-1, -2) + torch.diag_embed((maskf == 0).to(yf.dtype))
     srhs = (jm @ hinv_a.unsqueeze(-1)).squeeze(-1) - cc
     w, singular, _ = linalg.pinv_solve_symmetric(schur, srhs)
     u = hinv_a - (hinv_jt.transpose(-1, -2) @ w.unsqueeze(-1)).squeeze(-1)
@@ -366,7 +393,7 @@ def implicit_vjp(bp: BoundProblem, tensors: Sequence[Tensor], need: Sequence[boo
     """
     r = bp.num_constraints
     nu = state.nu if state is not None else None
-    mask = state.mask if state is not None else None
+    mask = state.weights if state is not None else None
     z = cache.get(key) if cache is not None else None
     if z is None:
         rhs = vf if r == 0 else torch.cat([vf, vf.new_zeros(vf.shape[0], r)], -1)
@@ -547,7 +574,7 @@ class KKTRule(ImplicitRule):
     def _solve(self, rhs: Tensor) -> Tensor:
         st = self.state
         return ImplicitSolve.apply(self.bp, rhs, self.yf, None if st is None else st.nu,
-                                   None if st is None else st.mask, *self.tensors)
+                                   None if st is None else st.weights, *self.tensors)
 
     def adjoint(self, v: Tensor) -> Tensor:
         z = self.cache.get(v) if self.cache is not None else None
@@ -583,4 +610,4 @@ def kkt_residual_live(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor, s
     gl = grad(lambda t: bp.lagrangian(tensors, t, nu).sum())(yf)
     if not bp.num_constraints:
         return gl
-    return torch.cat([gl, bp.c(tensors, yf) * state.mask.to(yf.dtype)], -1)
+    return torch.cat([gl, bp.c(tensors, yf) * state.weights], -1)

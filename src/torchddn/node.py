@@ -292,13 +292,15 @@ class DeclarativeNode:
             ctx["_state"] = state
             resid = gf - (state.jac.transpose(-1, -2) @ state.nu.unsqueeze(-1)).squeeze(-1)
             residual = resid.norm(dim=-1) + state.dual_infeasible
-            cv = state.cval.clone()
+            cv = state.cval * state.cscale  # distances to the constraints (each divided by its gradient norm)
             cv[:, :bp.num_eq] = cv[:, :bp.num_eq].abs()
-            violation = cv.clamp_min(0).amax(-1)
+            distance = cv.clamp_min(0).amax(-1)
+            raw = cv / state.cscale
+            violation = raw.clamp_min(0).amax(-1)  # reported in the units the node wrote its constraints in
             active = state.mask[:, bp.num_eq:]
         else:
             residual = gf.norm(dim=-1)
-            violation = torch.zeros_like(residual)
+            violation = distance = torch.zeros_like(residual)
             active = None
         converged = ctx.get("converged")
         iterations = ctx.get("iterations")
@@ -310,7 +312,7 @@ class DeclarativeNode:
         tol = self._check_tol(y.dtype)
         scale = 1 + fval.abs()
         bad_opt = residual > tol * scale
-        bad_con = violation > tol * (1 + yf.abs().amax(-1))
+        bad_con = distance > tol * (1 + yf.abs().amax(-1))
         if self.on_failure != "ignore":
             messages = []
             if converged is not None and not bool(converged.all()):
@@ -408,10 +410,10 @@ class DeclarativeNode:
             gl = batch_grad(lambda t: bp.lagrangian(ts, t, nu), yf)
             if not bp.num_constraints:
                 return gl
-            return torch.cat([gl, bp.c(ts, yf) * state.mask.to(yf.dtype)], -1)
+            return torch.cat([gl, bp.c(ts, yf) * state.weights], -1)
 
         _, rhs = jvp(stationarity, tuple(tensors), tuple(tan))
-        z = ImplicitSolve.apply(bp, -rhs, yf, nu, state.mask if state is not None else None, *tensors)
+        z = ImplicitSolve.apply(bp, -rhs, yf, nu, state.weights if state is not None else None, *tensors)
         self._record_backward(bp, state, b)
         return z[:, :yf.shape[1]].reshape(y.shape)
 
