@@ -83,7 +83,7 @@ class DeclarativeFunction:
     def apply(node: DeclarativeNode, *xs: Any) -> Tensor:
         if node.backward in ("unrolled", "truncated"):
             return node._unrolled_forward(*xs)
-        return _call(node, *xs)
+        return node._output(_call(node, *xs))
 
 
 def _apply(node: DeclarativeNode, *xs: Any) -> Tensor:

@@ -251,7 +251,7 @@ class DeclarativeNode:
         b = self._check_batch(xs)
         shared = self._shared_positions(xs) if self.shared_inputs is None else frozenset()
         try:
-            out = self.solve(*xs)
+            out = self._solve_packed(*xs)
         except (RuntimeError, IndexError) as err:
             if not shared:
                 raise
@@ -278,6 +278,14 @@ class DeclarativeNode:
         self.diagnostics = diag
         ctx["_cache"] = ImplicitCache()
         return y, ctx
+
+    def _solve_packed(self, *xs: Any) -> Any:
+        """``solve(*xs)``; node kinds with structured solutions (tuples) pack them into one tensor here."""
+        return self.solve(*xs)
+
+    def _output(self, y: Tensor) -> Any:
+        """The layer's output for the packed solution ``y`` (the inverse of :meth:`_solve_packed`'s packing)."""
+        return y
 
     def _diagnose(self, xs: tuple, y: Tensor, ctx: dict) -> Diagnostics:
         name = type(self).__name__

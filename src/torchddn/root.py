@@ -140,14 +140,67 @@ class RootNode(DeclarativeNode):
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def _flat_F(self, xs: tuple, shape: torch.Size) -> FlatMap:
-        return _flat_map(lambda y: self.optimality(*xs, y=y), shape, f"{type(self).__name__}.optimality")
+        return _flat_map(lambda y: self._F(*xs, y=y), shape, f"{type(self).__name__}.optimality")
+
+    # ---- tuple solutions: (u, nu) and the like are concatenated into one flat (b, m) solution ----------------------
+    def _pack(self, y: Any) -> Tensor:
+        """A tuple (or list) solution ``(y_1, ..., y_k)``, each ``(b, ...)``, as one ``(b, m)`` tensor; the part
+        shapes are remembered by the total size ``m``. A tensor passes through."""
+        if isinstance(y, Tensor):
+            return y
+        if not isinstance(y, (tuple, list)) or not y or not all(isinstance(t, Tensor) for t in y):
+            raise DDNError(f"{type(self).__name__}: a solution must be a tensor or a tuple of tensors, got "
+                           f"{type(y).__name__}")
+        b = y[0].shape[0] if y[0].dim() else None
+        if b is None or any(t.dim() == 0 or t.shape[0] != b for t in y):
+            raise DDNError(f"{type(self).__name__}: every part of a tuple solution needs the leading batch "
+                           f"dimension; got shapes {[tuple(t.shape) for t in y]}")
+        dtype = torch.promote_types(y[0].dtype, y[-1].dtype)
+        flat = torch.cat([t.reshape(b, -1).to(dtype) for t in y], 1)
+        parts = getattr(self, "_tuple_parts", None)
+        if parts is None:
+            parts = self._tuple_parts = {}
+        parts[flat.shape[1]] = tuple(tuple(t.shape[1:]) for t in y)
+        return flat
+
+    def _parts_of(self, y: Tensor) -> Optional[tuple]:
+        parts = getattr(self, "_tuple_parts", None)
+        if not parts or y.dim() != 2:
+            return None
+        return parts.get(y.shape[1])
+
+    def _unpack(self, y: Tensor) -> Any:
+        """The inverse of :meth:`_pack` (differentiable views): the tuple for a packed solution, else ``y``."""
+        shapes = self._parts_of(y)
+        if shapes is None:
+            return y
+        sizes = [int(torch.Size(sh).numel()) for sh in shapes]
+        return tuple(p.reshape(y.shape[0], *sh) for p, sh in zip(torch.split(y, sizes, 1), shapes))
+
+    def _F(self, *xs: Any, y: Tensor) -> Tensor:
+        """``optimality`` on the packed solution: a tuple residual is packed the same way."""
+        if self._parts_of(y) is None:
+            return self.optimality(*xs, y=y)
+        out = self.optimality(*xs, y=self._unpack(y))
+        if isinstance(out, Tensor):
+            return out
+        return torch.cat([t.reshape(y.shape[0], -1) for t in out], 1)
+
+    def _output(self, y: Tensor) -> Any:
+        return self._unpack(y)
+
+    def _solve_packed(self, *xs: Any) -> Any:
+        out = self.solve(*xs)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], (tuple, list)):
+            return self._pack(tuple(out[0])), out[1]
+        return out
 
     def solve(self, *xs: Any) -> tuple[Tensor, dict]:
         """Find ``y`` with ``F(*xs, y) = 0`` by damped Newton from :meth:`initial_guess`: returns ``(y, ctx)`` with
         the per-element ``converged``, ``iterations`` and ``residual`` (``||F(y)||``)."""
         with torch.no_grad():
             xs = _detach_all(xs)
-            y0 = _check_y(self.initial_guess(*xs), f"{type(self).__name__}.initial_guess")
+            y0 = _check_y(self._pack(self.initial_guess(*xs)), f"{type(self).__name__}.initial_guess")
             shape = y0.shape
             F = self._flat_F(xs, shape)
             res = newton_root(F, y0.reshape(shape[0], -1), tol=self.tol, max_iter=self.max_iter,
@@ -186,7 +239,7 @@ class RootNode(DeclarativeNode):
         if v.shape != y.shape:
             raise DDNError(f"{type(self).__name__}: incoming gradient has shape {tuple(v.shape)} but y has shape "
                            f"{tuple(y.shape)}")
-        return _implicit_vjp(self, self.optimality, "root", self._method(y), xs, y, -v.to(y.dtype), *_ROOT_TEXT,
+        return _implicit_vjp(self, self._F, "root", self._method(y), xs, y, -v.to(y.dtype), *_ROOT_TEXT,
                              need=need, cache=(ctx or {}).get("_cache"), key=v, sign=-1.0, tol=self.linear_tol,
                              max_iter=self.linear_max_iter)
 
@@ -197,12 +250,12 @@ class RootNode(DeclarativeNode):
         return method
 
     def _attach(self, xs: tuple, y: Tensor, ctx: dict) -> Tensor:
-        return _attach_root(self, self.optimality, "root", self._method(y), xs, y, ctx, *_ROOT_TEXT,
+        return _attach_root(self, self._F, "root", self._method(y), xs, y, ctx, *_ROOT_TEXT,
                             tol=self.linear_tol, max_iter=self.linear_max_iter)
 
     def _implicit_jvp(self, xs: tuple, y: Tensor, tangents: tuple, ctx: Optional[dict]) -> Tensor:
         """Forward mode: ``dy = -(∂F/∂y)⁻¹ ∂F/∂x dx``."""
-        return _implicit_tangent(self, self.optimality, "root", self._method(y), xs, y, tangents,
+        return _implicit_tangent(self, self._F, "root", self._method(y), xs, y, tangents,
                                  tol=self.linear_tol, max_iter=self.linear_max_iter)
 
 
@@ -225,12 +278,17 @@ class _CustomRootNode(RootNode):
             xs = _detach_all(xs)
             y = self._solver(*xs)
             like = next((x for x in xs if isinstance(x, Tensor) and x.is_floating_point()), None)
-            if not isinstance(y, Tensor):
-                y = torch.as_tensor(np.asarray(y))
-            if like is not None and y.is_floating_point():
-                y = y.to(dtype=like.dtype, device=like.device)
+
+            def as_tensor(t: Any) -> Tensor:
+                if not isinstance(t, Tensor):
+                    t = torch.as_tensor(np.asarray(t))
+                if like is not None and t.is_floating_point():
+                    t = t.to(dtype=like.dtype, device=like.device)
+                return t
+
+            y = tuple(as_tensor(t) for t in y) if isinstance(y, (tuple, list)) else as_tensor(y)
             name = getattr(self._solver, "__name__", "solver")
-            y = _check_y(y, f"custom_root solver {name!r}")
+            y = _check_y(self._pack(y), f"custom_root solver {name!r}")
         return y, None
 
 

@@ -71,3 +71,45 @@ def test_none_positional_input_and_gamma_none():
     assert torch.allclose(t, fd_jvp(lambda x: layer(x, None), x.detach(), torch.ones_like(x)), atol=1e-7)
     with pytest.raises(ValueError, match="gamma"):
         Quartic(gamma=-1.0)
+
+
+def test_custom_root_tuple_solution_kkt_pair():
+    """min 1/2 |u - x|^2 s.t. a^T u = 1 as the KKT pair (u, nu): F = (u - x - nu a, a^T u - 1)."""
+    a = torch.tensor([1.0, 2.0, -1.0], dtype=DT)
+
+    def F(x, y):
+        u, nu = y
+        return u - x - nu * a, (u * a).sum(-1, keepdim=True) - 1
+
+    @custom_root(F)
+    def kkt(x):
+        nu = (1 - (x * a).sum(-1, keepdim=True)) / (a @ a)
+        return x + nu * a, nu
+
+    x = torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    u, nu = kkt(x)
+    assert u.shape == (4, 3) and nu.shape == (4, 1)
+    P = torch.eye(3, dtype=DT) - torch.outer(a, a) / (a @ a)
+    gu = torch.autograd.grad(u.sum(), x, retain_graph=True)[0]
+    assert torch.allclose(gu, P.sum(0).expand(4, 3), atol=1e-10)
+    gnu = torch.autograd.grad(nu.sum(), x)[0]
+    assert torch.allclose(gnu, -(a / (a @ a)).expand(4, 3), atol=1e-10)
+    assert torch.autograd.gradcheck(lambda x: kkt(x)[1], (x,))
+
+
+def test_root_node_tuple_initial_guess():
+    class Pair(RootNode):
+        """y1 = sqrt(x), y2 = y1^3."""
+
+        def optimality(self, x, y):
+            y1, y2 = y
+            return y1 * y1 - x, y2 - y1 ** 3
+
+        def initial_guess(self, x):
+            return torch.ones_like(x), torch.ones_like(x)
+
+    x = torch.tensor([[1.0, 4.0], [9.0, 2.0]], dtype=DT, requires_grad=True)
+    y1, y2 = ddn.DeclarativeLayer(Pair())(x)
+    assert torch.allclose(y1, x.detach().sqrt()) and torch.allclose(y2, x.detach() ** 1.5)
+    g = torch.autograd.grad(y2.sum(), x)[0]
+    assert torch.allclose(g, 1.5 * x.detach().sqrt(), atol=1e-9)
