@@ -159,6 +159,13 @@ def test_tridiagonal_solve_pivots():
     assert not bool(info.nonregular.any())
 
 
+def test_tridiagonal_size_one():
+    z = torch.zeros(3, 0, dtype=DT)
+    op = TridiagonalOperator(z, torch.tensor([[2.0], [0.0], [-1.0]], dtype=DT), z)
+    x, info = Dense()(op, torch.ones(3, 1, dtype=DT))
+    assert x.flatten().tolist() == [0.5, 0.0, -1.0] and info.nonregular.tolist() == [False, True, False]
+
+
 def test_tridiagonal_broadcasts_over_extra_rhs_dimensions():
     lo, di, up = tridiag(3, 8, 5)
     op = TridiagonalOperator(lo, di, up)
@@ -181,6 +188,24 @@ def test_dense_operator():
                                atol=1e-9, rtol=0)
     S = A + A.mT
     assert DenseOperator(S).symmetric and DenseOperator(S).T.symmetric
+    # B Bᵀ is symmetric only up to rounding: still inferred symmetric, and CG accepts it
+    B = torch.randn(3, 40, 40, generator=gen(19), dtype=DT)
+    spd = B @ B.mT + torch.eye(40, dtype=DT)
+    op = DenseOperator(spd, psd=True)
+    assert op.symmetric and not DenseOperator(spd + 1e-6 * torch.triu(torch.ones_like(spd), 1)).symmetric
+    b = rhs(3, 40)
+    torch.testing.assert_close(CG(precond="jacobi")(op, b)[0], torch.linalg.solve(spd, b), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("solver", [Dense(), CG(), MINRES(), GMRES(), BiCGStab(), Neumann(),
+                                    Auto(dense_max=2)], ids=repr)
+def test_unbatched_right_hand_side(solver):
+    A, _ = system("spd", 1, 8)
+    A = A[0] / 10                                   # eigenvalues in [0.1, 1]: the Neumann series converges
+    b = rhs(1, 8)[0]
+    x, info = solver(DenseOperator(A, psd=True), b)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), atol=1e-9, rtol=0)
+    assert x.shape == (8,) and info.residual.shape == ()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,14 +397,12 @@ def test_neumann():
     assert bool(torch.isfinite(x).all()) and not bool(info.converged.any())
 
 
-F32 = [Dense(), CG(), CG(precond="jacobi"), MINRES(), GMRES(), BiCGStab(), Auto(dense_max=4)]
+F32 = [("spd", s) for s in (Dense(), CG(), CG(precond="jacobi"), MINRES(), GMRES(), BiCGStab(), Auto(dense_max=4))]
+F32 += [("general", s) for s in (Dense(), GMRES(), BiCGStab(), Auto(dense_max=4))]
 
 
-@pytest.mark.parametrize("solver", F32, ids=repr)
-@pytest.mark.parametrize("tag", ["spd", "general"])
-def test_float32(solver, tag):
-    if tag == "general" and isinstance(solver, (CG, MINRES)):
-        pytest.skip("symmetric solvers")
+@pytest.mark.parametrize("tag,solver", F32, ids=[f"{t}-{s!r}" for t, s in F32])
+def test_float32(tag, solver):
     A, op = system(tag, 4, 20, dtype=torch.float32)
     b = rhs(4, 20, dtype=torch.float32)
     x, info = solver(op, b)

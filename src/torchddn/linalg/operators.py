@@ -106,6 +106,15 @@ class LinearOperator:
         return (f"{type(self).__name__}(n={self.n}, symmetric={self.symmetric}, psd={self.psd}{extra})")
 
 
+def _nearly_equal(a: Tensor, b: Tensor) -> bool:
+    """``a == b`` up to ``10 n eps`` of the largest entry (symmetry inference; rounding in ``B Bᵀ`` is allowed)."""
+    if a.shape != b.shape:
+        return False
+    scale = torch.maximum(a.abs().amax(), b.abs().amax()) if a.numel() else a.new_zeros(())
+    tol = 10 * max(a.shape[-1], 1) * torch.finfo(a.dtype).eps * scale
+    return bool(((a - b).abs() <= tol).all())
+
+
 def _check_tensor(t: object, name: str, cls: str) -> Tensor:
     if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() < 1:
         raise DDNError(f"{cls}: {name} must be a floating point tensor of shape (*batch, n), got "
@@ -140,7 +149,8 @@ class TridiagonalOperator(LinearOperator):
 
     Args:
         lower, upper: ``(*batch, n-1)``; diag: ``(*batch, n)``.
-        psd: tag (not checked); ``symmetric`` is inferred as ``lower == upper`` unless given.
+        psd: tag (not checked); ``symmetric`` is inferred as ``lower == upper`` (to ``10 n eps`` of the largest
+            entry) unless given.
 
     Products ``O(n)``, exact diagonal, transpose by swapping ``lower`` and ``upper``, direct solve by Gaussian
     elimination with partial pivoting (:func:`~torchddn.linalg.tridiagonal_solve`), ``O(n)`` per element.
@@ -159,7 +169,7 @@ class TridiagonalOperator(LinearOperator):
                                f"diag ({tuple(diag.shape)}, {diag.dtype}), got {got}")
         self.lower, self.dvec, self.upper = lower, diag, upper
         if symmetric is None:
-            symmetric = lower.shape == upper.shape and bool(torch.equal(lower, upper))
+            symmetric = _nearly_equal(lower, upper)
         super().__init__(self._mv, n, bool(symmetric), bool(psd), self._rmv, diag)
 
     def _mv(self, z: Tensor) -> Tensor:
@@ -183,8 +193,8 @@ class TridiagonalOperator(LinearOperator):
 
 
 class DenseOperator(LinearOperator):
-    """An explicit matrix ``A`` of shape ``(*batch, n, n)``. ``symmetric`` is inferred (exact equality with
-    ``Aᵀ``) unless given; ``psd`` is a tag. Products ``O(n^2)``; direct solve by Cholesky / eigendecomposition
+    """An explicit matrix ``A`` of shape ``(*batch, n, n)``. ``symmetric`` is inferred (equality with ``Aᵀ`` to
+    ``10 n eps`` of the largest entry) unless given; ``psd`` is a tag. Products ``O(n^2)``; direct solve by Cholesky / eigendecomposition
     (symmetric) or LU (general), with the pseudo-inverse at singular elements."""
 
     kind: ClassVar[str] = "dense"
@@ -195,7 +205,7 @@ class DenseOperator(LinearOperator):
             raise DDNError(f"DenseOperator: A must have shape (*batch, n, n), got {tuple(A.shape)}")
         self.A = A
         if symmetric is None:
-            symmetric = bool(torch.equal(A, A.mT))
+            symmetric = _nearly_equal(A, A.mT)
         super().__init__(self._mv, A.shape[-1], bool(symmetric), bool(psd), self._rmv,
                          torch.diagonal(A, dim1=-2, dim2=-1))
 
