@@ -149,6 +149,7 @@ def test_tridiagonal_solve_pivots():
                              torch.tensor([[1.0]], dtype=DT))
     x, info = Dense()(op, torch.tensor([[1.0, 2.0]], dtype=DT))
     torch.testing.assert_close(x, torch.tensor([[1.0, 1.0]], dtype=DT), atol=1e-15, rtol=0)
+    assert info.method == "tridiagonal" and not bool(info.nonregular.any())   # no tiny pivot after interchanges
     # a zero diagonal (every step pivots); nonsingular for even n
     n = 10
     ones = torch.ones(2, n - 1, dtype=DT)
@@ -331,6 +332,10 @@ def test_jacobi_cg_takes_far_fewer_iterations():
     assert plain.method == jac.method == "cg"
     assert bool((plain.iterations >= 8 * jac.iterations).all()), (plain.iterations, jac.iterations)
     assert torch.equal(auto.iterations, jac.iterations)
+    # preconditioned MINRES stops on an M-norm estimate; the refinement restarts bring the true residual to tol
+    x3, mr = MINRES(tol=1e-10, precond="jacobi")(op, b)
+    assert mr.method == "minres" and bool((mr.residual <= 1e-10).all()), mr.residual
+    assert bool((plain.iterations >= 4 * mr.iterations).all())
     # a user preconditioner (the same Jacobi one) does as well
     _, user = CG(tol=1e-10, precond=lambda r: r / diag)(op, b)
     assert torch.equal(user.iterations, jac.iterations)
