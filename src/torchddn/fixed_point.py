@@ -30,7 +30,10 @@ from torchddn.diagnostics import (ConvergenceWarning, DDNError, Diagnostics, Non
                                   report)
 from torchddn.function import DeclarativeFunction
 from torchddn.implicit import AttachImplicit, ImplicitRule, fold_vmap, is_live
-from torchddn.linalg import LinearSolveInfo, dense_solve_general, gmres, neumann
+from torchddn.linalg import (GMRES, MINRES, BiCGStab, LinearOperator, LinearSolveInfo, dense_solve_general, gmres,
+                             neumann)
+from torchddn.linalg import solve as linalg_solve
+from torchddn.backward import Implicit, JacobianFree, Phantom, Truncated, Unrolled, as_backward
 from torchddn.node import DeclarativeNode
 from torchddn.solvers.base import SolverResult, batch_jacobian
 
@@ -221,7 +224,7 @@ FORWARD_SOLVERS: dict[str, Callable[..., SolverResult]] = {"anderson": anderson,
 # non-symmetric batched linear solves: they live in torchddn.linalg and are re-exported here
 # ----------------------------------------------------------------------------------------------------------------
 
-BACKWARD_SOLVERS = ("gmres", "fixed_point", "dense")
+BACKWARD_SOLVERS = ("gmres", "fixed_point", "dense", "auto", "minres", "bicgstab")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,8 +322,36 @@ class _ImplicitOp:
             return gmres(mv, rhs, tol=self.tol, restart=self.restart, max_iter=self.max_iter)
         if self.method == "phantom":
             return neumann(jmv, rhs, damping=self.damping, steps=self.steps)
-        return neumann(jmv, rhs, tol=self.tol, damping=self.damping,
-                       max_iter=500 if self.max_iter is None else self.max_iter)
+        if self.method == "fixed_point":
+            return neumann(jmv, rhs, tol=self.tol, damping=self.damping,
+                           max_iter=500 if self.max_iter is None else self.max_iter)
+        mv = (lambda z: z - jmv(z)) if fp else jmv
+        method = self.method
+        symmetric = True
+        if isinstance(method, str) and method == "auto":
+            # symmetric systems (e.g. F = grad f: the Hessian) take MINRES, others GMRES
+            symmetric = bool(_is_symmetric(G, yf, fp).all())
+            method = MINRES() if symmetric else GMRES(restart=self.restart)
+        elif isinstance(method, (GMRES, BiCGStab)) or (isinstance(method, str) and method in ("bicgstab",)):
+            symmetric = False
+        op = LinearOperator(mv, rhs.shape[-1], symmetric=symmetric, psd=False)
+        x, info = linalg_solve(op, rhs, method, self.tol, self.max_iter)
+        return x, info
+
+
+def _is_symmetric(G: Callable[[Tensor], Tensor], yf: Tensor, fp: bool) -> Tensor:
+    """Per element, whether ``∂G/∂y`` is symmetric: ``uᵀ J w = wᵀ J u`` for two random probes, to a relative
+    ``sqrt(eps)``. Cost: one JVP and one VJP."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    u = torch.randn(yf.shape, generator=g, dtype=yf.dtype).to(yf.device)
+    w = torch.randn(yf.shape, generator=g, dtype=yf.dtype).to(yf.device)
+    jw = torch.func.jvp(G, (yf,), (w,))[1]
+    _, pullback = vjp(G, yf)
+    jtu = pullback(u)[0]
+    a, b = (u * jw).sum(-1), (w * jtu).sum(-1)
+    scale = (u.norm(dim=-1) * jw.norm(dim=-1) + w.norm(dim=-1) * jtu.norm(dim=-1)).clamp_min(
+        torch.finfo(yf.dtype).tiny)
+    return (a - b).abs() <= torch.finfo(yf.dtype).eps ** 0.5 * scale
 
 
 class _ImplicitLinearSolve(torch.autograd.Function):
@@ -568,14 +599,29 @@ class FixedPointNode(DeclarativeNode):
                  backward_solver: str = "gmres", phantom: Optional[int] = None, damping: float = 1.0,
                  memory: Optional[int] = None, backward_tol: Optional[float] = None,
                  backward_max_iter: Optional[int] = None, backward_restart: Optional[int] = None,
-                 on_failure: str = "warn", check_inputs: bool = True) -> None:
+                 on_failure: str = "warn", check_inputs: bool = True, backward: Any = None,
+                 shared_inputs: Optional[Sequence[int]] = None) -> None:
         super().__init__(tol=tol, max_iter=max_iter, on_failure=on_failure, check_inputs=check_inputs,
-                         linear_tol=backward_tol, linear_max_iter=backward_max_iter)
+                         linear_tol=backward_tol, linear_max_iter=backward_max_iter, shared_inputs=shared_inputs)
         if not callable(forward_solver) and forward_solver not in FORWARD_SOLVERS:
             raise ValueError(f"forward_solver must be one of {sorted(FORWARD_SOLVERS)} or a callable, got "
                              f"{forward_solver!r}")
-        if backward_solver not in BACKWARD_SOLVERS:
-            raise ValueError(f"backward_solver must be one of {BACKWARD_SOLVERS}, got {backward_solver!r}")
+        if backward is not None:
+            rule = as_backward(backward)
+            if isinstance(rule, Implicit):
+                backward_solver = "gmres" if rule.solver == "auto" else rule.solver
+            elif isinstance(rule, Phantom):
+                phantom, damping = rule.steps, rule.damping
+            elif isinstance(rule, JacobianFree):
+                phantom, damping = 1, 1.0  # u = v: the Jacobian-free backward of Fung et al.
+            elif isinstance(rule, Truncated):
+                phantom = rule.steps  # the exact gradient of `steps` damped iterations started at y*
+            elif isinstance(rule, Unrolled):
+                self.backward = "unrolled"
+                self.unroll_steps = rule.steps
+        if isinstance(backward_solver, str) and backward_solver not in BACKWARD_SOLVERS:
+            raise ValueError(f"backward_solver must be one of {BACKWARD_SOLVERS} or a torchddn.linalg solver, got "
+                             f"{backward_solver!r}")
         if phantom is not None and (int(phantom) != phantom or phantom < 1):
             raise ValueError(f"phantom must be None or a positive number of steps, got {phantom!r}")
         if not 0.0 < float(damping) <= 1.0:
@@ -586,6 +632,21 @@ class FixedPointNode(DeclarativeNode):
         self.damping = float(damping)
         self.memory = memory
         self.backward_restart = backward_restart
+        if self.backward != "unrolled":
+            self.backward_rule = Phantom(self.phantom, self.damping) if self.phantom is not None else \
+                Implicit(backward_solver)
+
+    def _unrolled_forward(self, *xs: Any) -> Tensor:
+        """``backward=Unrolled(steps)``: autograd through ``steps`` damped Picard iterations from the initial
+        guess (default ``max_iter``)."""
+        self._check_batch(xs)
+        detached = _detach_all(xs)
+        with torch.no_grad():
+            y = _check_y(self.initial_guess(*detached), f"{type(self).__name__}.initial_guess").detach()
+        steps = self.max_iter if self.unroll_steps is None else int(self.unroll_steps)
+        for _ in range(steps):
+            y = (1.0 - self.damping) * y + self.damping * self.T(*xs, y=y)
+        return y
 
     # ---- user hooks ---------------------------------------------------------------------------------------------
     def T(self, *xs: Any, y: Tensor) -> Tensor:

@@ -137,4 +137,4 @@ class DeclarativeLayer(nn.Module):
         return DeclarativeFunction.apply(self.node, *xs)
 
     def extra_repr(self) -> str:
-        return f"{type(self.node).__name__}, backward={self.node.backward!r}"
+        return f"{type(self.node).__name__}, backward={self.node.backward_rule!r}"

@@ -346,17 +346,48 @@ def _solve_kkt(bp: BoundProblem, rhs: Tensor, yf: Tensor, nu: Optional[Tensor], 
     m, r = yf.shape[-1], bp.num_constraints
     psd = r == 0 and bp.hess_mode in ("exact", "identity", "diagonal")
     matvec = cached_kkt_matvec(bp, tensors, yf, nu, mask)
-    op = linalg.LinearOperator(matvec, m + r, symmetric=True, psd=psd)
     method = bp.method
-    if method == "auto":
+    diagonal = None
+    if r == 0 and bp.hess_mode == "identity":
+        diagonal = torch.full_like(yf, 1.0 + bp.gamma)
+    elif r == 0 and bp.hess_mode == "diagonal":
+        diagonal = bp.hess_diag + bp.gamma
+    elif r == 0 and callable(getattr(bp.node, "hessian_diagonal", None)):
+        diagonal = lambda: _user_hessian_diagonal(bp, tensors, yf)  # noqa: E731
+    elif r == 0 and getattr(method, "precond", None) == "jacobi":
+        diagonal = lambda: _exact_hessian_diagonal(matvec, yf)  # noqa: E731  (asked for: m products)
+    op = linalg.LinearOperator(matvec, m + r, symmetric=True, psd=psd, diagonal=diagonal)
+    if isinstance(method, str) and method == "auto":
         method = "dense" if m + r <= bp.dense_max else ("cg" if psd else "minres")
-    if method == "cg" and r > 0:
-        return _schur_cg(bp, rhs, yf, nu, mask, tensors)
+    if r > 0 and ((isinstance(method, str) and method == "cg") or isinstance(method, linalg.CG)):
+        return _schur_cg(bp, rhs, yf, nu, mask, tensors, method)
+    if isinstance(method, str) and method == "cg" and diagonal is not None:
+        method = linalg.CG(precond="jacobi")  # the default CG is preconditioned with the Hessian's diagonal
     return linalg.solve(op, rhs, method, bp.tol, bp.max_iter, bp.dense_max)
 
 
+def _user_hessian_diagonal(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor) -> Tensor:
+    """The node's ``hessian_diagonal(*xs, y) -> (b, *y.shape[1:])`` hook, flattened, plus ``gamma``."""
+    d = bp.node.hessian_diagonal(*bp.inputs(tensors), y=bp.unflatten(yf))
+    return d.reshape(yf.shape) + bp.gamma
+
+
+def _exact_hessian_diagonal(matvec: Callable[[Tensor], Tensor], yf: Tensor, chunk: int = 64) -> Tensor:
+    """The exact diagonal of ``H`` from ``m`` Hessian-vector products, vmapped in chunks (asked for explicitly by
+    ``precond="jacobi"`` on a node without a ``hessian_diagonal`` hook; costs about one dense assembly)."""
+    b, m = yf.shape
+    out = []
+    for start in range(0, m, chunk):
+        idx = torch.arange(start, min(start + chunk, m), device=yf.device)
+        basis = torch.zeros(len(idx), b, m, dtype=yf.dtype, device=yf.device)
+        basis[torch.arange(len(idx)), :, idx] = 1.0
+        cols = torch.vmap(matvec)(basis)  # (k, b, m)
+        out.append(cols[torch.arange(len(idx)), :, idx].transpose(0, 1))
+    return torch.cat(out, 1)
+
+
 def _schur_cg(bp: BoundProblem, rhs: Tensor, yf: Tensor, nu: Optional[Tensor], mask: Tensor,
-              tensors: Sequence[Tensor]) -> tuple[Tensor, linalg.LinearSolveInfo]:
+              tensors: Sequence[Tensor], solver: Any = "cg") -> tuple[Tensor, linalg.LinearSolveInfo]:
     """Constrained solve with CG on ``H`` only: ``(J_M H^-1 J_M^T + (I - M)) w = J_M H^-1 a - c``,
     ``u = H^-1 (a - J_M^T w)``, with the ``r + 1`` CG solves batched together."""
     m, r = yf.shape[-1], bp.num_constraints
@@ -366,7 +397,7 @@ def _schur_cg(bp: BoundProblem, rhs: Tensor, yf: Tensor, nu: Optional[Tensor], m
     jm = jac * maskf[..., None]  # (b, r, m)
     hmv = _hessian_only(bp, tensors, yf, nu)
     rhs_all = torch.cat([a.unsqueeze(0), jm.transpose(0, 1)], 0)  # (r + 1, b, m)
-    sol, info = linalg.solve(linalg.LinearOperator(torch.vmap(hmv), m, True, True), rhs_all, "cg", bp.tol,
+    sol, info = linalg.solve(linalg.LinearOperator(torch.vmap(hmv), m, True, True), rhs_all, solver, bp.tol,
                              bp.max_iter)
     if bool(info.indefinite.any()):
         op = linalg.LinearOperator(cached_kkt_matvec(bp, tensors, yf, nu, mask), m + r, True, False)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from torchddn import linalg
+from torchddn.backward import BackwardRule, Implicit, JacobianFree, Phantom, Truncated, Unrolled, as_backward
 from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
 from torchddn.implicit import (AttachImplicit, BoundProblem, ConstraintState, ImplicitCache, ImplicitSolve,
                                KKTRule, constraint_state, implicit_vjp, is_live, kkt_residual_live, shared_positions,
@@ -20,7 +21,8 @@ from torchddn.solvers import DEFAULTS, Problem, get_solver
 from torchddn.solvers.base import batch_grad, batch_hessian, batch_hvp, value_and_batch_grad
 from torch.func import jvp
 
-BACKWARD_MODES = ("auto", "dense", "cg", "minres", "unrolled", "truncated", "jacobian_free")
+BACKWARD_MODES = ("auto", "dense", "cg", "minres", "gmres", "bicgstab", "neumann", "unrolled", "truncated",
+                  "jacobian_free")
 
 
 class DeclarativeNode:
@@ -39,7 +41,10 @@ class DeclarativeNode:
     second-derivative product; ``B`` and the Jacobian are never formed.
 
     Args:
-        backward: how the backward solves with ``H`` (or the KKT matrix):
+        backward: a :mod:`torchddn.backward` value -- ``Implicit(solver)`` with any :mod:`torchddn.linalg` solver
+            value or callable (e.g. ``Implicit(linalg.CG(precond="jacobi"))``), ``Unrolled(steps)``,
+            ``Truncated(steps)``, ``JacobianFree()`` -- a linear solver (meaning ``Implicit(solver)``), or one of
+            these shorthands:
 
             * ``"auto"`` (default): ``"dense"`` when ``m + r <= dense_max`` (``m = y.numel() / b``, ``r`` the number of
               constraints), else matrix-free (CG without constraints, MINRES with them).
@@ -68,20 +73,38 @@ class DeclarativeNode:
     After each call, :attr:`diagnostics` holds per-element results (see :class:`~torchddn.diagnostics.Diagnostics`).
     """
 
-    def __init__(self, *, backward: str = "auto", gamma: float = 0.0,
+    def __init__(self, *, backward: Any = "auto", gamma: float = 0.0,
                  solver: Union[str, Callable[..., Any], None] = None, tol: Optional[float] = None,
                  max_iter: int = 100, linear_tol: Optional[float] = None, linear_max_iter: Optional[int] = None,
                  active_tol: Optional[float] = None, check_tol: Optional[float] = None, on_failure: str = "warn",
                  dense_max: int = 128, check_inputs: bool = True, unroll_steps: Optional[int] = None,
                  unroll_method: Optional[str] = None, unroll_lr: Optional[float] = None,
                  jf_hessian: str = "identity", shared_inputs: Optional[Sequence[int]] = None) -> None:
-        if backward not in BACKWARD_MODES:
-            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+        rule = as_backward(backward)
+        if isinstance(rule, Phantom):
+            raise ValueError("backward=Phantom(...) applies to fixed-point nodes; optimisation nodes take "
+                             "Implicit(solver), Unrolled(steps), Truncated(steps) or JacobianFree()")
+        if isinstance(rule, Unrolled):
+            unroll_steps = rule.steps if rule.steps is not None else unroll_steps
+        if isinstance(rule, (Unrolled, Truncated)):
+            unroll_method = rule.method if rule.method is not None else unroll_method
+            unroll_lr = rule.lr if rule.lr is not None else unroll_lr
+        if isinstance(rule, Truncated):
+            unroll_steps = rule.steps if unroll_steps is None else unroll_steps
+        if isinstance(rule, JacobianFree):
+            jf_hessian = rule.hessian if rule.hessian != "identity" else jf_hessian
         if on_failure not in ("warn", "raise", "ignore"):
             raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
         if jf_hessian not in ("identity", "diagonal"):
             raise ValueError(f"jf_hessian must be 'identity' or 'diagonal', got {jf_hessian!r}")
-        self.backward = backward
+        self.backward_rule: BackwardRule = rule
+        if isinstance(rule, Implicit):
+            self.linear_solver: Any = rule.solver
+            self.backward = rule.solver if isinstance(rule.solver, str) and rule.solver in BACKWARD_MODES \
+                else "implicit"
+        else:
+            self.linear_solver = "auto"
+            self.backward = {Unrolled: "unrolled", Truncated: "truncated", JacobianFree: "jacobian_free"}[type(rule)]
         self.gamma = 0.0 if gamma is None else float(gamma)
         if gamma is not None and not self.gamma >= 0:
             raise ValueError(f"gamma must be None or a non-negative number, got {gamma!r}")
@@ -198,7 +221,7 @@ class DeclarativeNode:
         tensor_pos = tuple(i for i, x in enumerate(xs) if isinstance(x, Tensor) and i not in shared)
         template = tuple(None if i in tensor_pos else x for i, x in enumerate(xs))
         p, q = self._constraint_counts(xs, y)
-        method = self.backward if self.backward in ("dense", "cg", "minres") else "auto"
+        method = self.linear_solver
         return BoundProblem(self, template, tensor_pos, tuple(y.shape[1:]), p, q, hess_mode, self.gamma, method,
                             self.linear_tol, self.linear_max_iter, self.dense_max)
 

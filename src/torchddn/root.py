@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.func import jvp
 
+from torchddn.backward import Implicit, as_backward
 from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
 from torchddn.fixed_point import (_attach_root, _check_y, _detach_all, _flat_map, _implicit_tangent, _implicit_vjp,
                                   dense_solve_general, gmres)
@@ -120,14 +121,18 @@ class RootNode(DeclarativeNode):
         check_inputs: check batch sizes and NaN/Inf of the inputs and the output.
     """
 
-    def __init__(self, *, tol: Optional[float] = None, max_iter: int = 50, backward: str = "auto",
+    def __init__(self, *, tol: Optional[float] = None, max_iter: int = 50, backward: Any = "auto",
                  backward_tol: Optional[float] = None, backward_max_iter: Optional[int] = None, dense_max: int = 64,
-                 check_tol: Optional[float] = None, on_failure: str = "warn", check_inputs: bool = True) -> None:
-        if backward not in ("auto", "dense", "gmres"):
-            raise ValueError(f"backward must be 'auto', 'dense' or 'gmres', got {backward!r}")
+                 check_tol: Optional[float] = None, on_failure: str = "warn", check_inputs: bool = True,
+                 shared_inputs: Optional[Sequence[int]] = None) -> None:
+        rule = as_backward(backward)
+        if not isinstance(rule, Implicit):
+            raise ValueError(f"root nodes take backward=Implicit(solver) (or a linear solver, or one of 'auto', "
+                             f"'dense', 'gmres', 'minres', 'bicgstab'); got {rule!r}")
         super().__init__(tol=tol, max_iter=max_iter, linear_tol=backward_tol, linear_max_iter=backward_max_iter,
-                         dense_max=dense_max, check_tol=check_tol, on_failure=on_failure, check_inputs=check_inputs)
-        self.backward_method = backward
+                         dense_max=dense_max, check_tol=check_tol, on_failure=on_failure, check_inputs=check_inputs,
+                         backward=rule, shared_inputs=shared_inputs)
+        self.backward_method = rule.solver
 
     # ---- user hooks ---------------------------------------------------------------------------------------------
     def optimality(self, *xs: Any, y: Tensor) -> Tensor:
@@ -243,10 +248,12 @@ class RootNode(DeclarativeNode):
                              need=need, cache=(ctx or {}).get("_cache"), key=v, sign=-1.0, tol=self.linear_tol,
                              max_iter=self.linear_max_iter)
 
-    def _method(self, y: Tensor) -> str:
+    def _method(self, y: Tensor) -> Any:
+        """The adjoint solve: ``"auto"`` is dense LU up to ``dense_max`` unknowns, else MINRES where ``∂F/∂y`` is
+        symmetric (probed once per solve) and GMRES otherwise."""
         method = self.backward_method
-        if method == "auto":
-            method = "dense" if y[0].numel() <= self.dense_max else "gmres"
+        if isinstance(method, str) and method == "auto" and y[0].numel() <= self.dense_max:
+            return "dense"
         return method
 
     def _attach(self, xs: tuple, y: Tensor, ctx: dict) -> Tensor:

@@ -226,7 +226,9 @@ def test_shape_and_value_errors():
     with pytest.raises(DDNError, match=r"NaN or Inf at batch elements \[1\]"):
         sqrt(torch.tensor([1.0, float("nan")], dtype=DT))
     with pytest.raises(ValueError):
-        Kepler(backward="cg")
+        Kepler(backward="no_such_solver")
+    with pytest.raises(ValueError):
+        Kepler(backward="unrolled")
     with pytest.raises(TypeError):
         custom_root(None)
 
