@@ -36,6 +36,7 @@ TUTORIALS: dict[str, list[str]] = {
     "pnp": ["torchddn.nodes.pnp"],
     "tv": ["torchddn.nodes.tv"],
     "own_solver": ["torchddn.node", "torchddn.solvers.scipy_adapter"],
+    "learned_parameters": ["torchddn.node", "torchddn.fixed_point"],
 }
 
 
