@@ -140,7 +140,9 @@ def levenberg_marquardt(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max
       ``tol``; unchanged when ``r`` or ``y`` are rescaled);
     * step: an accepted step with ``||d|| <= xtol (||y|| + xtol)`` (``xtol`` defaults to ``tol``);
     * cost: an accepted step with ``rho > 1/4`` whose decrease ``F(y) - F(y + d) <= ftol F(y)`` (``ftol``
-      defaults to ``4 eps``: no further decrease is resolvable);
+      defaults to ``4 eps``: no further decrease is resolvable) while the gradient test fails with ``sqrt(eps)``;
+      once it holds with ``sqrt(eps)``, the cost cannot rank steps any more (its changes are at rounding level),
+      so steps that do not raise it beyond ``4 ftol F`` are accepted and the gradient and step tests decide;
 
     and fails when ``lambda`` exceeds ``1e16`` without an acceptable step (it then counts as
     converged if the gradient test holds with ``sqrt(eps)``). ``tol`` and ``xtol`` are floored at ``64 eps``.
@@ -182,7 +184,6 @@ def levenberg_marquardt(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max
         nu = torch.full_like(lam, 2.0)
         conv = ratio <= tol_e
         failed = torch.zeros(b, dtype=torch.bool, device=y.device)
-        polish = torch.zeros_like(failed)
         iters = torch.zeros(b, dtype=torch.int64, device=y.device)
         for _ in range(int(max_iter)):
             active = ~(conv | failed)
@@ -200,21 +201,17 @@ def levenberg_marquardt(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max
             r_t, J_t = residuals_and_jacobian(fn, y + d, jacobian)
             F_t, g_t, A_t, ratio_t = _normal_equations(r_t, J_t)
             rho = (F - F_t) / pred  # NaN or -inf where the trial is not finite or d = 0: rejected
-            # a polishing step (undamped, after the model stopped predicting resolvable decreases) is kept unless it
-            # raises the cost beyond rounding
-            keep = polish & active & (F_t <= F * (1 + 4 * ftol_e))
-            accept = (solved & (rho > 1e-4)) | keep
-            # stopping tests on this iteration (see the docstring)
-            small_step = solved & (accept | (nu == 2)) & (dn <= xtol_e * (yn + xtol_e))  # (nu = 2: no rejection yet)
-            small_gain = accept & (rho > 0.25) & ((F - F_t) <= ftol_e * F)
-            # the linear model predicts no decrease the cost can resolve and the gradient is small: one undamped
-            # Gauss-Newton step next (more accurate than the cost can tell), then stop
-            small_model = solved & ~polish & (pred <= ftol_e * F) & (ratio <= loose)
+            # once the gradient test holds with sqrt(eps) the cost can no longer tell better steps from worse:
+            # steps that do not raise it beyond rounding are kept and the gradient and step tests decide
+            rounding = solved & (ratio <= loose) & (F_t <= F * (1 + 4 * ftol_e))
+            accept = (solved & (rho > 1e-4)) | rounding
+            # stopping tests on this iteration (see the docstring); nu = 2: no rejection since the last acceptance
+            small_step = solved & (accept | (nu == 2)) & (dn <= xtol_e * (yn + xtol_e))
+            small_gain = accept & ~rounding & (rho > 0.25) & ((F - F_t) <= ftol_e * F)
             # per-element damping update (Nielsen)
-            lam = torch.where(accept, lam * torch.clamp(1 - (2 * rho - 1) ** 3, min=1.0 / 3.0),
-                              torch.where(active, lam * nu, lam))
+            factor = torch.where(rounding, 1.0 / 3.0, torch.clamp(1 - (2 * rho - 1) ** 3, min=1.0 / 3.0))
+            lam = torch.where(accept, lam * factor, torch.where(active, lam * nu, lam))
             nu = torch.where(accept, 2.0, torch.where(active, 2 * nu, nu))
-            lam = torch.where(small_model, 0.0, lam)
             acc = accept[:, None]
             y = torch.where(acc, y + d, y)
             r = torch.where(acc, r_t, r)
@@ -224,8 +221,7 @@ def levenberg_marquardt(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max
             ratio = torch.where(accept, ratio_t, ratio)
             dmax = torch.maximum(dmax, A.diagonal(dim1=1, dim2=2))
             iters += active
-            conv = conv | (polish & active) | small_step | small_gain | (accept & (ratio <= tol_e))
-            polish = small_model & ~conv
+            conv = conv | small_step | small_gain | (accept & (ratio <= tol_e))
             stalled = active & ~conv & (lam > 1e16)
             conv = conv | (stalled & (ratio <= loose))
             failed = failed | (stalled & (ratio > loose))
