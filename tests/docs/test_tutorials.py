@@ -36,6 +36,7 @@ TUTORIALS: dict[str, list[str]] = {
     "pnp": ["torchddn.nodes.pnp"],
     "tv": ["torchddn.nodes.tv"],
     "own_solver": ["torchddn.node", "torchddn.solvers.scipy_adapter"],
+    "curve_fitting": ["torchddn.node", "torchddn.solvers.least_squares"],
 }
 
 
