@@ -69,8 +69,8 @@ def test_exact_gradient_matches_finite_differences_of_resolves():
     torch.testing.assert_close(g, fd, atol=1e-7, rtol=1e-6)
     # t is differentiable too
     tt = t.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda oo, ttt: ddn.DeclarativeLayer(ExpFit())(oo, ttt),
-                                    (obs[:2, :5].clone().requires_grad_(True), tt[:2, :5].detach().requires_grad_(True)))
+    inputs = (obs[:2, :5].clone().requires_grad_(True), tt[:2, :5].detach().requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda oo, ttt: ddn.DeclarativeLayer(ExpFit())(oo, ttt), inputs)
 
 
 def test_gauss_newton_option_is_the_approximation():
