@@ -32,6 +32,10 @@ class DeclarativeNode:
 
     * ``objective(*xs, y) -> (b,)``: batched; ``xs`` are any tensors with a leading batch dimension ``b`` (plus any
       non-tensor arguments), ``y`` has shape ``(b, ...)``. It is called with ``y`` as a keyword.
+    * or, for nonlinear least squares, ``residuals(*xs, y) -> (b, k)`` (or ``(b, ...)``): the objective is then
+      ``1/2 ||r||^2`` per element, the built-in solver is Levenberg-Marquardt
+      (:func:`~torchddn.solvers.least_squares.levenberg_marquardt`) and the backward uses the exact Hessian
+      ``J^T J + sum_i r_i D^2 r_i`` unless ``hessian="gauss_newton"``.
     * either ``solve(*xs) -> (y, ctx)`` (any solver; ``ctx`` is a dict or None and may carry the multipliers
       ``"nu"``) or ``initial_guess(*xs) -> y0``, which fixes ``y``'s shape and starts the built-in solver.
     * optionally ``gradient(*xs, y=None, v=None, ctx=None)`` with a closed-form backward.
@@ -69,6 +73,10 @@ class DeclarativeNode:
         check_inputs: check shapes and NaN/Inf of inputs and outputs (one device sync per call).
         unroll_steps, unroll_method, unroll_lr: settings of the unrolled/truncated modes (``"gd"`` gradient descent,
             ``"newton"`` Newton-KKT steps).
+        hessian: for nodes that declare ``residuals``: ``"exact"`` (default) differentiates with the exact
+            Hessian ``J^T J + sum_i r_i D^2 r_i``; ``"gauss_newton"`` drops the second term (``H ~= J^T J``, the
+            mixed derivative ``B`` stays exact), the approximation made by Gauss-Newton layers elsewhere; it is not
+            the layer's gradient unless the residuals vanish at the solution or are affine in ``y``.
 
     After each call, :attr:`diagnostics` holds per-element results (see :class:`~torchddn.diagnostics.Diagnostics`).
     """
@@ -79,7 +87,8 @@ class DeclarativeNode:
                  active_tol: Optional[float] = None, check_tol: Optional[float] = None, on_failure: str = "warn",
                  dense_max: int = 128, check_inputs: bool = True, unroll_steps: Optional[int] = None,
                  unroll_method: Optional[str] = None, unroll_lr: Optional[float] = None,
-                 jf_hessian: str = "identity", shared_inputs: Optional[Sequence[int]] = None) -> None:
+                 jf_hessian: str = "identity", shared_inputs: Optional[Sequence[int]] = None,
+                 hessian: str = "exact") -> None:
         rule = as_backward(backward)
         if isinstance(rule, Phantom):
             raise ValueError("backward=Phantom(...) applies to fixed-point nodes; optimisation nodes take "
@@ -123,12 +132,35 @@ class DeclarativeNode:
         self.unroll_method = unroll_method
         self.unroll_lr = unroll_lr
         self.jf_hessian = jf_hessian
+        if hessian not in ("exact", "gauss_newton"):
+            raise ValueError(f"hessian must be 'exact' or 'gauss_newton', got {hessian!r}")
+        self.hessian = hessian
         self.diagnostics = Diagnostics()
 
     # ---- what subclasses define ------------------------------------------------------------------------------
     def objective(self, *xs: Any, y: Tensor) -> Tensor:
-        """``f(x, y)``, batched: returns shape ``(b,)``."""
-        raise NotImplementedError(f"{type(self).__name__} must define objective(self, *xs, y)")
+        """``f(x, y)``, batched: returns shape ``(b,)``.
+
+        The default, for a node that defines ``residuals(*xs, y)``, is ``1/2 ||r(x, y)||^2`` per element. With
+        ``hessian="gauss_newton"`` it is the linearised ``1/2 ||r(x, y0) + J(x, y0) (y - y0)||^2`` at
+        ``y0 = y.detach()``: the same value and gradient in ``y`` (hence the same mixed derivative), but Hessian
+        ``J^T J``.
+        """
+        residuals = getattr(self, "residuals", None)
+        if not callable(residuals):
+            raise NotImplementedError(f"{type(self).__name__} must define objective(self, *xs, y) or "
+                                      f"residuals(self, *xs, y)")
+        if getattr(self, "hessian", "exact") == "gauss_newton":
+            y0 = y.detach()
+            r0, dr = jvp(lambda u: residuals(*xs, y=u), (y0,), (y - y0,))
+            r = r0 + dr
+        else:
+            r = residuals(*xs, y=y)
+        if not isinstance(r, Tensor) or r.dim() == 0 or r.shape[0] != y.shape[0]:
+            shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+            raise DDNError(f"{type(self).__name__}.residuals must return shape ({y.shape[0]}, k), got {shape}")
+        r = r.reshape(y.shape[0], -1)
+        return 0.5 * (r * r).sum(-1)
 
     def initial_guess(self, *xs: Any) -> Tensor:
         """Starting point ``y0`` of shape ``(b, ...)`` for the built-in solvers; it fixes ``y``'s shape."""
@@ -142,8 +174,9 @@ class DeclarativeNode:
     def solve(self, *xs: Any) -> tuple[Tensor, Optional[dict]]:
         """Solve the problem for a batch: returns ``(y, ctx)``.
 
-        The default runs the built-in solver for the node's problem class from :meth:`initial_guess`; ``ctx``
-        then holds the multipliers ``"nu"`` and the solver's per-element ``"converged"`` and ``"iterations"``.
+        The default runs the built-in solver for the node's problem class from :meth:`initial_guess`
+        (Levenberg-Marquardt for an unconstrained node that defines ``residuals``); ``ctx`` then holds the
+        multipliers ``"nu"`` and the solver's per-element ``"converged"`` and ``"iterations"``.
         """
         y0 = self.initial_guess(*xs)
         if not isinstance(y0, Tensor):
@@ -152,10 +185,17 @@ class DeclarativeNode:
         b = y0.shape[0]
         bp = self._bind(xs, y0)
         tensors = [xs[i].detach() for i in bp.tensor_pos]
+        residuals = getattr(self, "residuals", None)
+        rfun = None
+        if callable(residuals):
+            rfun = lambda t: residuals(*bp.inputs(tensors), y=bp.unflatten(t))  # noqa: E731  (checked by the solver)
         problem = Problem(objective=lambda t: bp.f(tensors, t),
                           eq=(lambda t: bp.c(tensors, t)[:, :bp.num_eq]) if bp.num_eq else None,
-                          ineq=(lambda t: bp.c(tensors, t)[:, bp.num_eq:]) if bp.num_ineq else None)
-        solver = get_solver(self.solver if self.solver is not None else DEFAULTS[self._problem_class()])
+                          ineq=(lambda t: bp.c(tensors, t)[:, bp.num_eq:]) if bp.num_ineq else None,
+                          residuals=rfun)
+        default = "levenberg_marquardt" if rfun is not None and not bp.num_constraints else \
+            DEFAULTS[self._problem_class()]
+        solver = get_solver(self.solver if self.solver is not None else default)
         kwargs: dict = {"max_iter": self.max_iter}
         if self.tol is not None:
             kwargs["tol"] = self.tol

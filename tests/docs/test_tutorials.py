@@ -37,6 +37,7 @@ TUTORIALS: dict[str, list[str]] = {
     "tv": ["torchddn.nodes.tv"],
     "own_solver": ["torchddn.node", "torchddn.solvers.scipy_adapter"],
     "learned_parameters": ["torchddn.node", "torchddn.fixed_point"],
+    "curve_fitting": ["torchddn.node", "torchddn.solvers.least_squares"],
 }
 
 

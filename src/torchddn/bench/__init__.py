@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "qp": "torchddn.bench.qp",
     "sinkhorn": "torchddn.bench.sinkhorn",
     "least_squares": "torchddn.bench.least_squares",
+    "curve_fit": "torchddn.bench.curve_fit",
     "pointnet": "torchddn.bench.pointnet",
     "fixed_point": "torchddn.bench.fixed_point",
 }

@@ -7,7 +7,8 @@
 
 with ``R(r)`` the rotation of axis-angle vector ``r`` and ``x_i`` normalised image coordinates (``K^{-1}``
 applied). Forward: batched RANSAC (six-point DLT hypotheses scored by weighted inlier counts, vectorised over
-hypotheses and batch) followed by Levenberg-Marquardt on the weighted reprojection error and a final Newton polish
+hypotheses and batch) followed by Levenberg-Marquardt (:func:`torchddn.solvers.least_squares.levenberg_marquardt`)
+on the weighted reprojection residuals and a final Newton polish
 with the exact Hessian. Backward: implicit differentiation of the optimality condition with the exact 6x6 Hessian
 (from ``torch.func``, not Gauss-Newton) w.r.t. the 3D points, the 2D points and the weights.
 """
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, hessian, jacfwd, vmap
+from torch.func import grad, hessian, vmap
 
 from torchddn.diagnostics import (
     ConvergenceWarning,
@@ -28,6 +29,8 @@ from torchddn.diagnostics import (
     element_list,
     report,
 )
+from torchddn.solvers.base import Problem
+from torchddn.solvers.least_squares import levenberg_marquardt
 
 __all__ = ["pnp", "PnP", "rodrigues", "synthetic_scene", "pose_error", "learn_weights_example"]
 
@@ -67,7 +70,6 @@ _obj_b = vmap(_objective)
 _grad_b = vmap(grad(_objective))
 _hess_b = vmap(hessian(_objective))
 _wres_b = vmap(_weighted_residual)
-_jac_b = vmap(jacfwd(_weighted_residual))
 
 
 def _rotation_to_axis_angle(R: Tensor) -> Tensor:
@@ -126,32 +128,9 @@ def _ransac(X: Tensor, x: Tensor, w: Tensor, hypotheses: int, threshold: float,
 
 
 def _levenberg_marquardt(theta, X, x, w, max_iter, tol):
-    B = theta.shape[0]
-    lam = theta.new_full((B,), 1e-3)
-    eye = torch.eye(6, dtype=theta.dtype, device=theta.device)
-    cost = 0.5 * _wres_b(theta, X, x, w).square().sum(-1)
-    done = torch.zeros(B, dtype=torch.bool, device=theta.device)
-    for _ in range(max_iter):
-        r = _wres_b(theta, X, x, w)
-        J = _jac_b(theta, X, x, w)
-        g = (J * r.unsqueeze(-1)).sum(-2)
-        A = J.transpose(-1, -2) @ J
-        done = done | (g.abs().amax(-1) <= tol * (1 + cost))
-        if bool(done.all()):
-            break
-        Ad = A + lam[:, None, None] * (torch.diag_embed(A.diagonal(dim1=-2, dim2=-1)) + 1e-12 * eye)
-        delta = -torch.linalg.solve_ex(Ad, g.unsqueeze(-1))[0].squeeze(-1)
-        new = theta + delta
-        new_cost = 0.5 * _wres_b(new, X, x, w).square().sum(-1)
-        accept = (new_cost < cost) & torch.isfinite(new_cost) & ~done
-        # Converged when an accepted step no longer lowers the cost measurably; the Newton polish that follows
-        # restores full precision quadratically.
-        done = done | (accept & (cost - new_cost <= 1e-12 * cost)) | (lam >= 1e10)
-        theta = torch.where(accept[:, None], new, theta)
-        cost = torch.where(accept, new_cost, cost)
-        lam = torch.where(accept, lam / 10, lam * 10).clamp(1e-12, 1e12)
-        done = done | (~accept & (delta.abs().amax(-1) <= 1e-15 * (1 + theta.abs().amax(-1))))
-    return theta
+    """Refine the poses with the batched Levenberg-Marquardt solver on the weighted reprojection residuals."""
+    problem = Problem(objective=lambda th: _obj_b(th, X, x, w), residuals=lambda th: _wres_b(th, X, x, w))
+    return levenberg_marquardt(problem, theta, tol=tol, max_iter=max_iter).y
 
 
 def _newton_polish(theta, X, x, w, steps: int):

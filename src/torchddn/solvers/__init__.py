@@ -21,6 +21,8 @@ SOLVERS: dict[str, tuple[str, str]] = {
     "projected_newton": ("projected", "projected_newton"),
     "projected_gradient": ("projected", "projected_gradient"),
     "scipy": ("scipy_adapter", "ScipySolver"),
+    "levenberg_marquardt": ("least_squares", "levenberg_marquardt"),
+    "gauss_newton": ("least_squares", "gauss_newton"),
 }
 
 #: default solver for each problem class

@@ -26,12 +26,15 @@ class Problem:
         eq: ``(b, m) -> (b, p)`` equality constraints ``h(y) = 0``, or None.
         ineq: ``(b, m) -> (b, q)`` inequality constraints ``g(y) <= 0``, or None.
         project: optional Euclidean projection ``(b, m) -> (b, m)`` onto the feasible set, for projected methods.
+        residuals: optional ``(b, m) -> (b, k)`` residuals of a least-squares objective ``1/2 ||r(y)||^2``, for the
+            least-squares solvers (:mod:`torchddn.solvers.least_squares`); ``objective`` must then equal it.
     """
 
     objective: BatchFn
     eq: Optional[BatchFn] = None
     ineq: Optional[BatchFn] = None
     project: Optional[BatchFn] = None
+    residuals: Optional[BatchFn] = None
 
     def constrained(self) -> bool:
         return self.eq is not None or self.ineq is not None
