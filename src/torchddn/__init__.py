@@ -3,6 +3,7 @@
 A declarative node's output is the solution of an optimisation problem ``y(x) in argmin_{u in C(x)} f(x, u)``;
 its gradient comes from the implicit function theorem (Gould, Hartley & Campbell, "Deep Declarative Networks").
 """
+from torchddn.backward import Implicit, JacobianFree, Phantom, Truncated, Unrolled
 from torchddn.diagnostics import (ConvergenceWarning, DDNError, DDNWarning, Diagnostics, InfeasibleError,
                                   NonRegularWarning)
 from torchddn.function import DeclarativeFunction, DeclarativeLayer
@@ -15,6 +16,7 @@ __all__ = [
     "AbstractDeclarativeNode", "DeclarativeNode", "EqConstDeclarativeNode", "IneqConstDeclarativeNode",
     "LinEqConstDeclarativeNode", "DeclarativeLayer", "DeclarativeFunction", "Diagnostics", "DDNError",
     "DDNWarning", "NonRegularWarning", "ConvergenceWarning", "InfeasibleError",
+    "Implicit", "Unrolled", "Truncated", "JacobianFree", "Phantom",
 ]
 
 
