@@ -179,9 +179,12 @@ def constraint_state(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor, nu
     eps = torch.finfo(yf.dtype).eps
     tiny = torch.finfo(yf.dtype).tiny
     gnorm = jac.norm(dim=-1)  # (b, r)
-    # curvature of each constraint along y, (grad^2 c_i) y: one forward-mode product of the Jacobian
-    curv = jvp(lambda t: batch_jacobian(cfun, t)[1], (yf,), (yf,))[1].norm(dim=-1)  # (b, r)
-    vanishing_i = (gnorm <= tiny) | (gnorm <= eps ** 0.5 * curv)
+    vanishing_i = gnorm <= tiny
+    if bool((gnorm < 1e-3).any()):
+        # only small gradients can vanish relative to their curvature along y, (grad^2 c_i) y: one forward-mode
+        # product of the Jacobian, skipped when no gradient is small
+        curv = jvp(lambda t: batch_jacobian(cfun, t)[1], (yf,), (yf,))[1].norm(dim=-1)  # (b, r)
+        vanishing_i = vanishing_i | (gnorm <= eps ** 0.5 * curv)
     cscale = torch.where(vanishing_i, torch.ones_like(gnorm), 1.0 / gnorm.clamp_min(tiny)).detach()
     cval_s, jac_s = cval * cscale, jac * cscale[..., None]
     gnorm_s = torch.where(vanishing_i, gnorm, torch.ones_like(gnorm))
@@ -193,7 +196,7 @@ def constraint_state(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor, nu
     maskf = mask.to(yf.dtype)
     jm = jac_s * maskf[..., None]
     gram = jm @ jm.transpose(-1, -2)
-    gf = batch_grad(lambda t: bp.f(tensors, t), yf)
+    gf = batch_grad(lambda t: bp.f(tensors, t), yf) if (nu is None or r > p) else None
     if nu is None:
         rhs = (jm @ gf.unsqueeze(-1)).squeeze(-1)
         gram_reg = gram + torch.diag_embed(1 - maskf)
