@@ -106,7 +106,8 @@ class BoundProblem:
         m = yf.shape[-1]
         zu, zw = z[..., :m], z[..., m:]
         if self.hess_mode == "exact":
-            hz = jvp(lambda u: batch_grad(lambda t: self.lagrangian(tensors, t, nu), u), (yf,), (zu,))[1]
+            # reverse-over-reverse (H is symmetric): no forward-mode levels, so calls from several threads are safe
+            hz = vjp(lambda u: batch_grad(lambda t: self.lagrangian(tensors, t, nu), u), yf)[1](zu)[0]
         elif self.hess_mode == "identity":
             hz = zu
         elif self.hess_mode == "diagonal":
@@ -119,8 +120,8 @@ class BoundProblem:
             return hz
         maskf = mask.to(yf.dtype)
         cfun = lambda t: self.c(tensors, t)  # noqa: E731
-        _, jz = jvp(cfun, (yf,), (zu,))
-        _, vjp_fn = vjp(cfun, yf)
+        cval, vjp_fn = vjp(cfun, yf)
+        jz = vjp(lambda w: vjp_fn(w)[0], torch.zeros_like(cval))[1](zu)[0]  # J z as the VJP of w -> J^T w
         jtw = vjp_fn(zw * maskf)[0]
         return torch.cat([hz + jtw, maskf * jz - (maskf == 0).to(yf.dtype) * zw], -1)
 
@@ -183,7 +184,9 @@ def constraint_state(bp: BoundProblem, tensors: Sequence[Tensor], yf: Tensor, nu
     if bool((gnorm < 1e-3).any()):
         # only small gradients can vanish relative to their curvature along y, (grad^2 c_i) y: one forward-mode
         # product of the Jacobian, skipped when no gradient is small
-        curv = jvp(lambda t: batch_jacobian(cfun, t)[1], (yf,), (yf,))[1].norm(dim=-1)  # (b, r)
+        yc = yf.detach()
+        curv = batch_jacobian(lambda t: (batch_jacobian(cfun, t)[1] @ yc.unsqueeze(-1)).squeeze(-1), yf)[1]
+        curv = curv.norm(dim=-1)  # (b, r): rows (grad^2 c_i) y, by reverse-over-reverse (thread safe)
         vanishing_i = vanishing_i | (gnorm <= eps ** 0.5 * curv)
     cscale = torch.where(vanishing_i, torch.ones_like(gnorm), 1.0 / gnorm.clamp_min(tiny)).detach()
     cval_s, jac_s = cval * cscale, jac * cscale[..., None]
