@@ -4,7 +4,8 @@ dimension and dtype/device agnostic.
 
 The stopping rule (one rule for every built-in minimiser)
 ---------------------------------------------------------
-Per batch element, with ``L = max(|y|_inf, |y0|_inf)`` (a length, from the start and the iterate) and the typical
+Per batch element, with ``L = max(|y|_inf, |y0|_inf)`` (a length, from the start and the iterate; Newton's
+methods also include the first accepted step ``|y1 - y0|_inf``, a length that does not vanish when ``y`` is near 0) and the typical
 objective scale ``F = max(|f|, |f0|, |g0|_inf L)`` (``f0 = f(y0)``, ``g0 = grad f(y0)``), the first-order measure is
 
     measure = |g|_inf L / F                    (relative gradient: "the change of f over the length L, relative

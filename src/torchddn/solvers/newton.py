@@ -87,6 +87,7 @@ def _newton_loop(problem: Problem, y0: Tensor, tol: float, max_iter: int, method
         start = start_scales(problem, y, f, g)
         g0norm = g.norm(dim=1)
         conv, gm = _check(f, g, y, tol_e, start)
+        first = True
         for _ in range(int(max_iter)):
             active = ~conv & ~failed
             if not bool(active.any()):
@@ -103,6 +104,15 @@ def _newton_loop(problem: Problem, y0: Tensor, tol: float, max_iter: int, method
             d = torch.where(use_grad[:, None], -g, d)
             slope = (g * d).sum(dim=1)
             alpha, _, ls_ok = armijo(obj, y, f, d, slope, active, c1=c1)
+            # at rounding level f cannot show a decrease: accept the full Newton step where it does not raise f
+            # beyond rounding and lowers the gradient (the optimality measure is the judge there)
+            near = active & ~ls_ok & ~use_grad & (gm <= floor)
+            if bool(near.any()):
+                f_t, g_t = value_and_batch_grad(obj, y + d)
+                gain = near & torch.isfinite(f_t) & (f_t <= f + 64 * eps * f.abs()) & \
+                    torch.isfinite(g_t).all(dim=1) & (g_t.abs().amax(dim=1) < g.abs().amax(dim=1))
+                alpha = torch.where(gain, torch.ones_like(alpha), alpha)
+                ls_ok = ls_ok | gain
             stalled = active & ~ls_ok
             conv = conv | (stalled & (gm <= floor))
             failed = failed | (stalled & ~conv)
@@ -111,6 +121,10 @@ def _newton_loop(problem: Problem, y0: Tensor, tol: float, max_iter: int, method
             tiny_step = step & ((dy.abs() <= 4 * eps * y.abs()).all(dim=1))
             conv = conv | (tiny_step & (gm <= floor))
             y = torch.where(step[:, None], y + dy, y)
+            if first:
+                # the first accepted displacement is a length of the problem too (it matters where y is near 0)
+                start.y0 = torch.maximum(start.y0, torch.where(step, dy.abs().amax(dim=1), torch.zeros_like(f)))
+                first = False
             iters = iters + active.to(torch.int64)
             f_new, g_new = value_and_batch_grad(obj, y)
             f = torch.where(step, f_new, f)
@@ -133,7 +147,8 @@ def _newton_loop(problem: Problem, y0: Tensor, tol: float, max_iter: int, method
 
 _RULE = """The stopping rule is the shared scale-invariant one of :mod:`torchddn.solvers._common`: an element stops
         when ``|g|_inf L / max(|f|, |f0|, |g0|_inf L) <= tol`` with ``L = max(|y|_inf, |y0|_inf)`` (``f0``, ``g0``
-        at ``y0``; ``|g|_inf / |g0|_inf`` while ``L = 0``), ``tol`` floored at ``64 eps`` of the dtype. An
+        at ``y0``, ``L`` also at least the first accepted step ``|y1 - y0|_inf``; ``|g|_inf / |g0|_inf`` while
+        ``L = 0``), ``tol`` floored at ``64 eps`` of the dtype. An
         element whose line search cannot decrease ``f`` (or whose step is at rounding level) while that measure
         is ``<= sqrt(eps)`` is at the attainable precision and counts as converged; otherwise it has failed."""
 
