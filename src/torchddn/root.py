@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import jvp
 
 from torchddn.backward import Implicit, as_backward
 from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
@@ -29,70 +28,15 @@ from torchddn.fixed_point import (_attach_root, _check_y, _detach_all, _flat_map
                                   dense_solve_general, gmres)
 from torchddn.function import DeclarativeFunction
 from torchddn.node import DeclarativeNode
-from torchddn.solvers.base import SolverResult, batch_jacobian
+from torchddn.solvers.root import default_tol, newton_root  # noqa: F401  (re-exported)
 
 __all__ = ["RootNode", "custom_root", "newton_root"]
 
 FlatMap = Callable[[Tensor], Tensor]
 
 
-def default_tol(dtype: torch.dtype) -> float:
-    """Default Newton tolerance on ``||F(y)||``: ``1e-12`` in float64, ``~7.6e-6`` in float32."""
-    return max(1e-12, min(64.0 * torch.finfo(dtype).eps, 1e-2))
-
-
 def _norm(r: Tensor) -> Tensor:
     return torch.nan_to_num(r.norm(dim=1), nan=math.inf, posinf=math.inf)
-
-
-def newton_root(F: FlatMap, y0: Tensor, *, tol: Optional[float] = None, max_iter: int = 50,
-                linear_solver: str = "dense", max_backtracks: int = 30) -> SolverResult:
-    r"""Batched damped Newton method for ``F(y) = 0`` with ``F: (b, m) -> (b, m)`` acting element-wise on the batch.
-
-    Each step solves ``(∂F/∂y) d = -F`` (``"dense"``: Jacobian by ``m`` vmapped VJPs and LU, minimum-norm step
-    where singular; ``"gmres"``: matrix-free with Jacobian-vector products) and backtracks (halving) until
-    ``||F(y + t d)|| <= (1 - 1e-4 t) ||F(y)||``. Elements stop when ``||F(y)|| <= tol`` and are frozen.
-    Cost per iteration: ``m`` VJPs + ``O(b m^3)`` (dense) or one JVP per GMRES step, plus the line search.
-    """
-    tol = default_tol(y0.dtype) if tol is None else float(tol)
-    y = y0
-    r = F(y)
-    rn = _norm(r)
-    converged = rn <= tol
-    failed = ~torch.isfinite(rn)
-    iters = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
-    for _ in range(max_iter):
-        active = ~(converged | failed)
-        if not bool(active.any()):
-            break
-        if linear_solver == "dense":
-            _, J = batch_jacobian(F, y)
-            d, _ = dense_solve_general(J, -r)
-        elif linear_solver == "gmres":
-            d, _ = gmres(lambda z: jvp(F, (y,), (z,))[1], -r)
-        else:
-            raise ValueError(f"linear_solver must be 'dense' or 'gmres', got {linear_solver!r}")
-        t = torch.ones_like(rn)
-        pending = active.clone()
-        y_new, r_new, rn_new = y, r, rn
-        for _ in range(max_backtracks):
-            cand = y + t[:, None] * d
-            rc = F(cand)
-            rnc = _norm(rc)
-            ok = pending & (rnc <= (1 - 1e-4 * t) * rn)
-            y_new = torch.where(ok[:, None], cand, y_new)
-            r_new = torch.where(ok[:, None], rc, r_new)
-            rn_new = torch.where(ok, rnc, rn_new)
-            pending = pending & ~ok
-            if not bool(pending.any()):
-                break
-            t = torch.where(pending, 0.5 * t, t)
-        stalled = pending  # no decrease along the Newton direction: a local minimum of ||F|| that is not a root
-        y, r, rn = y_new, r_new, rn_new
-        iters = iters + active.long()
-        converged = converged | (active & (rn <= tol))
-        failed = failed | (active & stalled & ~converged)
-    return SolverResult(y=y, nu=None, converged=converged, iterations=iters, residual=rn)
 
 
 class RootNode(DeclarativeNode):

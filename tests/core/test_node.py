@@ -142,7 +142,9 @@ def test_builtin_solver_robust_average_closed_form():
     wts = (1 + z ** 2) ** -1.5
     torch.testing.assert_close(g, v * wts / wts.sum(-1, keepdim=True))
     assert layer.diagnostics.converged.all()
-    assert (layer.diagnostics.residual < 1e-9).all()
+    # the solver's rule is relative (|g| L / max(|f|, |f0|, |g0| L) <= 1e-10, L = |y|): with y near 0 the absolute
+    # gradient can end a little above 1e-9
+    assert (layer.diagnostics.residual < 1e-8).all()
 
 
 def test_gradient_and_jacobian_methods():

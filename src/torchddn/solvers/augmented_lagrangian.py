@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_residual,
-                                      raise_if_infeasible, violation)
+from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
+                                      raise_if_infeasible, start_scales, violation)
 from torchddn.solvers.base import Problem, SolverResult
 from torchddn.solvers.newton import newton
 from torchddn.solvers.sqp import active_set_polish
@@ -32,8 +32,10 @@ def augmented_lagrangian(problem: Problem, y0: Tensor, *, tol: float = 1e-10, ma
     Args:
         problem: a constrained :class:`~torchddn.solvers.base.Problem` (unconstrained ones go to Newton).
         y0: ``(b, m)`` starting point.
-        tol: stop an element when its KKT residual is ``<= tol * max(1, max|grad f|)`` (``tol`` floored at
-            ``64 eps``).
+        tol: stop an element when its scale-free KKT measure
+            (:func:`~torchddn.solvers._common.kkt_measure`, as in
+            :func:`~torchddn.solvers.interior_point.interior_point`) is ``<= tol`` (``tol`` floored at ``64 eps``).
+            The iteration runs in the normalised units of :func:`~torchddn.solvers._common.normalise`.
         max_iter: maximum outer iterations per element (each runs Newton for up to ``inner_max_iter`` steps).
         rho0, rho_max: initial and largest penalty.
         polish: run the final active-set polish.
@@ -53,6 +55,13 @@ def augmented_lagrangian(problem: Problem, y0: Tensor, *, tol: float = 1e-10, ma
     y = y0.detach().clone()
     b, m = y.shape
     with torch.no_grad():
+        # run in normalised units (rho0, rho_max and the polish thresholds are then scale free)
+        start_y = start_scales(problem, y)
+        nz = normalise(problem, y, start_y)
+        problem_y, problem = problem, nz.problem
+        y = nz.to_u(y)
+        u0 = y.clone()
+        start = start_scales(problem, y)
         h0, g0 = constraint_values(problem, y)
         p = 0 if h0 is None else h0.shape[1]
         q = 0 if g0 is None else g0.shape[1]
@@ -65,8 +74,8 @@ def augmented_lagrangian(problem: Problem, y0: Tensor, *, tol: float = 1e-10, ma
         broken = torch.zeros(b, dtype=torch.bool, device=y.device)
         for it in range(int(max_iter) + 1):
             nu = torch.cat([-lam, -z], dim=1)
-            res, _, _, scale = kkt_residual(problem, y, nu)
-            conv = conv | (res <= stop_tol * scale)
+            res, meas = kkt_measure(problem, y, nu, start)
+            conv = conv | (meas <= stop_tol)
             run = ~conv & ~broken
             if it == int(max_iter) or not bool(run.any()):
                 break
@@ -103,20 +112,26 @@ def augmented_lagrangian(problem: Problem, y0: Tensor, *, tol: float = 1e-10, ma
                 # try to finish early: polish elements whose multipliers look settled
                 nu = torch.cat([-lam, -z], dim=1)
                 active = (z > 0) & torch.isfinite(g)
-                y_p, nu_p, res_p, scale_p = active_set_polish(problem, y, nu, active, tol_e)
-                fin = upd & (res_p <= tol_e * scale_p)
+                y_p, nu_p, res_p, meas_p = active_set_polish(problem, y, nu, active, tol_e, start)
+                fin = upd & (meas_p <= tol_e)
                 y = torch.where(fin[:, None], y_p, y)
                 lam = torch.where(fin[:, None], -nu_p[:, :p], lam)
                 z = torch.where(fin[:, None], -nu_p[:, p:], z)
         nu = torch.cat([-lam, -z], dim=1)
-        res, _, _, scale = kkt_residual(problem, y, nu)
         if polish:
             _, g = constraint_values(problem, y)
             if g is not None:
-                active = (z > 0) | (g > -stop_tol * scale[:, None])
+                active = (z > 0) | (g > -stop_tol)
             else:
                 active = torch.zeros(b, 0, dtype=torch.bool, device=y.device)
-            y, nu, res, scale = active_set_polish(problem, y, nu, active, tol_e)
-        conv = res <= tol_e * scale
-        raise_if_infeasible(problem, y, conv, tol_e, on_infeasible)
-    return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res)
+            y, nu, _, _ = active_set_polish(problem, y, nu, active, tol_e, start)
+        # a diverged element hands back its start, never NaN
+        fin = torch.isfinite(y).all(dim=1) & torch.isfinite(nu).all(dim=1)
+        u = torch.where(fin[:, None], y, u0)
+        nu = torch.where(fin[:, None], nu, torch.zeros_like(nu))
+        y, nu = nz.to_y(u), nz.nu_to_y(nu)
+        res, meas = kkt_measure(problem_y, y, nu, start_y)
+        conv = meas <= tol_e
+        raise_if_infeasible(problem, u, conv, tol_e, on_infeasible, y0=u0)
+    return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res,
+                        method="augmented_lagrangian")

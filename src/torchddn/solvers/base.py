@@ -51,6 +51,8 @@ class SolverResult:
         converged: (b,) bool.
         iterations: (b,) int64.
         residual: (b,) KKT residual (norm of the Lagrangian gradient plus constraint violation).
+        method: which algorithm produced ``y`` (e.g. ``"newton"``, ``"newton_cg"``, ``"lbfgs"``, ``"anderson"``),
+            or None for a solver that does not say.
     """
 
     y: Tensor
@@ -58,6 +60,7 @@ class SolverResult:
     converged: Tensor
     iterations: Tensor
     residual: Tensor
+    method: Optional[str] = None
 
 
 def batch_grad(fn: BatchFn, y: Tensor) -> Tensor:

@@ -6,8 +6,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_residual,
-                                      raise_if_infeasible, solve_kkt)
+from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
+                                      raise_if_infeasible, solve_kkt, start_scales)
 from torchddn.solvers.base import Problem, SolverResult, batch_hessian, batch_jacobian, value_and_batch_grad
 from torchddn.solvers.sqp import active_set_polish
 
@@ -71,8 +71,12 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
         problem: a :class:`~torchddn.solvers.base.Problem` with ``ineq`` (and optionally ``eq``). Without
             inequalities this defers to :func:`~torchddn.solvers.sqp.sqp`.
         y0: ``(b, m)`` starting point (feasible or not).
-        tol: stop an element when its KKT residual (:func:`~torchddn.solvers._common.kkt_residual`: stationarity
-            + violation + complementarity) is ``<= tol * max(1, max|grad f|)`` (``tol`` floored at ``64 eps``).
+        tol: stop an element when its scale-free KKT measure (:func:`~torchddn.solvers._common.kkt_measure`:
+            stationarity ``|grad L|_inf L / max(|f|, |f0|, |g0|_inf L)``, violation relative to
+            ``max(|c(y0)|_inf, |J|_inf L)``, complementarity ``|nu_g g|`` relative to the objective scale, and the
+            multipliers' signs) is ``<= tol`` (``tol`` floored at ``64 eps``). The iteration runs in the
+            normalised units of :func:`~torchddn.solvers._common.normalise` (``mu0``, the slack floor and the
+            merit weights are then scale free); ``residual`` is the absolute KKT residual in the user's units.
         max_iter: maximum interior-point iterations per element.
         mu0: initial barrier parameter.
         polish: run the final active-set polish.
@@ -98,6 +102,13 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
     b, m = y.shape
     eps = torch.finfo(y.dtype).eps
     with torch.no_grad():
+        # run in normalised units (scale-free constants), report in the user's
+        start_y = start_scales(problem, y)
+        nz = normalise(problem, y, start_y)
+        problem_y, problem = problem, nz.problem
+        y = nz.to_u(y)
+        u0 = y.clone()
+        start = start_scales(problem, y)
         h0, g0 = constraint_values(problem, y)
         p = 0 if h0 is None else h0.shape[1]
         g0 = torch.where(torch.isfinite(g0), g0, torch.zeros_like(g0))
@@ -119,13 +130,14 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
 
         for it in range(int(max_iter) + 1):
             nu = torch.cat([-lam, -z], dim=1)
-            res, _, _, scale = kkt_residual(problem, y, nu)
-            conv = conv | (res <= tol_e * scale)
-            if polish and bool((~conv & ~stalled & (res <= polish_tol * scale)).any()):
+            res, meas = kkt_measure(problem, y, nu, start)
+            conv = conv | (meas <= tol_e)
+            if polish and bool((~conv & ~stalled & (meas <= polish_tol)).any()):
                 # close to a solution: try to finish with Newton steps on the detected active set
                 _, g = constraint_values(problem, y)
-                y_p, nu_p, res_p, scale_p = active_set_polish(problem, y, nu, (z > s) & torch.isfinite(g), tol_e)
-                fin = ~conv & ~stalled & (res_p <= tol_e * scale_p)
+                y_p, nu_p, res_p, meas_p = active_set_polish(problem, y, nu, (z > s) & torch.isfinite(g), tol_e,
+                                                             start)
+                fin = ~conv & ~stalled & (meas_p <= tol_e)
                 y = torch.where(fin[:, None], y_p, y)
                 lam = torch.where(fin[:, None], -nu_p[:, :p], lam)
                 z = torch.where(fin[:, None], -nu_p[:, p:], z)
@@ -136,7 +148,7 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
             # monotone barrier update: decrease mu once the barrier problem is solved to ~ kappa * mu
             _, _, _, _, E_mu = _residuals(problem, y, lam, z, s, mu, inf_norm=True)
             done_mu = run & (E_mu <= 10 * mu)
-            mu = torch.where(done_mu, torch.maximum(torch.minimum(0.2 * mu, mu ** 1.5), 0.1 * tol_e * scale), mu)
+            mu = torch.where(done_mu, torch.maximum(torch.minimum(0.2 * mu, mu ** 1.5), torch.full_like(mu, 0.1 * tol_e)), mu)
             r_d, r_h, r_g, r_c, _ = _residuals(problem, y, lam, z, s, mu)
             lagrangian = _lagrangian(problem, lam.clone(), z.clone())
 
@@ -199,15 +211,18 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
             z = torch.minimum(torch.maximum(z, mu[:, None] / (1e10 * s)), 1e10 * mu[:, None] / s)
             iters = iters + run.to(torch.int64)
         nu = torch.cat([-lam, -z], dim=1)
-        res, _, _, scale = kkt_residual(problem, y, nu)
         if polish and bool((~conv).any()):
             _, g = constraint_values(problem, y)
             active = (z > s) & torch.isfinite(g) & ~conv[:, None]
-            y_p, nu_p, res_p, scale_p = active_set_polish(problem, y, nu, active, tol_e)
+            y_p, nu_p, _, _ = active_set_polish(problem, y, nu, active, tol_e, start)
             y = torch.where(conv[:, None], y, y_p)
             nu = torch.where(conv[:, None], nu, nu_p)
-            res = torch.where(conv, res, res_p)
-            scale = torch.where(conv, scale, scale_p)
-        conv = res <= tol_e * scale
-        raise_if_infeasible(problem, y, conv, tol_e, on_infeasible)
-    return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res)
+        # a diverged element hands back its start, never NaN
+        fin = torch.isfinite(y).all(dim=1) & torch.isfinite(nu).all(dim=1)
+        u = torch.where(fin[:, None], y, u0)
+        nu = torch.where(fin[:, None], nu, torch.zeros_like(nu))
+        y, nu = nz.to_y(u), nz.nu_to_y(nu)
+        res, meas = kkt_measure(problem_y, y, nu, start_y)
+        conv = meas <= tol_e
+        raise_if_infeasible(problem, u, conv, tol_e, on_infeasible, y0=u0)
+    return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res, method="interior_point")

@@ -7,22 +7,23 @@ import torch
 from torch import Tensor
 
 from torchddn.diagnostics import DDNError
-from torchddn.solvers._common import armijo, check_inputs, effective_tol
+from torchddn.solvers._common import (StartScales, armijo, check_inputs, effective_tol, first_order_measure,
+                                      objective_scale, precision_floor, start_scales)
 from torchddn.solvers.base import Problem, SolverResult, value_and_batch_grad
 
 
-def _converged(f: Tensor, g: Tensor, tol: float) -> tuple[Tensor, Tensor]:
-    gn = g.abs().amax(dim=1) if g.shape[1] else g.new_zeros(g.shape[0])
-    finite = torch.isfinite(f) & torch.isfinite(gn)
-    gn = torch.where(finite, gn, torch.full_like(gn, float("inf")))
-    return finite & (gn <= tol * f.abs().clamp_min(1.0)), gn
+def _converged(f: Tensor, g: Tensor, y: Tensor, tol: float, start: StartScales) -> tuple[Tensor, Tensor]:
+    m = first_order_measure(f, g, y, start)
+    return m <= tol, m
 
 
 def lbfgs_core(objective, y: Tensor, tol: float, max_iter: int, active: Optional[Tensor] = None,
-               history: int = 10, c1: float = 1e-4) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               history: int = 10, c1: float = 1e-4, start: Optional[StartScales] = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """L-BFGS on the elements in ``active`` (others are left untouched).
 
-    Returns ``(y, converged, iterations, grad_norm)``. ``tol`` is used as is (already dtype-floored).
+    ``start`` holds the typical scales of the stopping rule (default: taken at ``y``). Returns
+    ``(y, converged, iterations, measure)``. ``tol`` is used as is (already dtype-floored).
     """
     b, m = y.shape
     y = y.clone()
@@ -36,9 +37,12 @@ def lbfgs_core(objective, y: Tensor, tol: float, max_iter: int, active: Optional
     failed = torch.zeros(b, dtype=torch.bool, device=y.device)
     fresh = torch.ones(b, dtype=torch.bool, device=y.device)
     eps = torch.finfo(y.dtype).eps
+    floor = precision_floor(y.dtype)
     with torch.no_grad():
         f, g = value_and_batch_grad(objective, y)
-    conv, gn = _converged(f, g, tol)
+    if start is None:
+        start = start_scales(Problem(objective), y, f, g)
+    conv, gn = _converged(f, g, y, tol, start)
     for it in range(max_iter):
         run = active & ~conv & ~failed & torch.isfinite(f)
         if not bool(run.any()):
@@ -57,20 +61,24 @@ def lbfgs_core(objective, y: Tensor, tol: float, max_iter: int, active: Optional
         d = -r
         slope = (g * d).sum(dim=1)
         restart = fresh | ~(slope < 0) | ~torch.isfinite(slope)
-        gnorm2 = g.norm(dim=1).clamp_min(torch.finfo(y.dtype).tiny)
-        d = torch.where(restart[:, None], -g * (1.0 / gnorm2).clamp_max(1.0)[:, None], d)
+        # a (re)start takes a gradient step of the typical length: L, or F / |g| while L = 0 (scale free)
+        L, F = objective_scale(f, y, start)
+        gmax = g.abs().amax(dim=1).clamp_min(torch.finfo(y.dtype).tiny)
+        length = torch.where(L > 0, L, F / gmax)
+        length = torch.where(torch.isfinite(length) & (length > 0), length, torch.ones_like(length))
+        d = torch.where(restart[:, None], -g * (length / gmax)[:, None], d)
         rho = torch.where(restart[:, None], torch.zeros_like(rho), rho)
         slope = (g * d).sum(dim=1)
         alpha, _, ok = armijo(objective, y, f, d, slope, run, c1=c1)
         # precision floor: a failed search with a tiny gradient means we are at the attainable optimum
         stalled = run & ~ok
-        conv = conv | (stalled & (gn <= eps ** 0.5 * f.abs().clamp_min(1.0)))
+        conv = conv | (stalled & (gn <= floor))
         failed = failed | (stalled & ~conv)
         step = run & ok
         s = (alpha * step.to(alpha.dtype))[:, None] * d
         y_new = y + s
-        tiny_step = step & ((s.abs() <= 4 * eps * (1 + y.abs())).all(dim=1))
-        conv = conv | (tiny_step & (gn <= eps ** 0.5 * f.abs().clamp_min(1.0)))
+        tiny_step = step & ((s.abs() <= 4 * eps * y.abs()).all(dim=1))
+        conv = conv | (tiny_step & (gn <= floor))
         with torch.no_grad():
             f_new, g_new = value_and_batch_grad(objective, y_new)
         yv = g_new - g
@@ -87,7 +95,7 @@ def lbfgs_core(objective, y: Tensor, tol: float, max_iter: int, active: Optional
         f = torch.where(step, f_new, f)
         g = torch.where(step[:, None], g_new, g)
         iters = iters + run.to(torch.int64)
-        c_new, gn_new = _converged(f, g, tol)
+        c_new, gn_new = _converged(f, g, y, tol, start)
         gn = torch.where(step, gn_new, gn)
         conv = conv | (active & c_new)
     return y, conv & active, iters, gn
@@ -103,9 +111,12 @@ def lbfgs(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 1
     Args:
         problem: an unconstrained :class:`~torchddn.solvers.base.Problem`.
         y0: ``(b, m)`` starting point.
-        tol: stop an element when ``max|grad f| <= tol * max(1, |f|)`` (``tol`` is floored at ``64 eps`` of the
-            dtype). A line search that cannot decrease ``f`` while ``max|grad f| <= sqrt(eps) max(1, |f|)`` also
-            counts as converged (the attainable precision).
+        tol: the shared scale-invariant rule of :mod:`torchddn.solvers._common`: stop an element when
+            ``|g|_inf L / max(|f|, |f0|, |g0|_inf L) <= tol`` with ``L = max(|y|_inf, |y0|_inf)`` (``f0``, ``g0``
+            at ``y0``; ``tol`` floored at ``64 eps`` of the dtype). A line search that cannot decrease ``f``
+            while that measure is ``<= sqrt(eps)`` also counts as converged (the attainable precision). The
+            first step (and every restart) is a gradient step of length ``L`` (``F / |g|`` while ``L = 0``),
+            so the iteration itself is scale free too.
         max_iter: maximum number of iterations per element.
         history: number of stored curvature pairs.
         c1: Armijo constant.
@@ -122,7 +133,11 @@ def lbfgs(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 1
                        "'augmented_lagrangian' for constrained ones")
     tol_e = effective_tol(tol, y0.dtype)
     with torch.no_grad():
-        y, conv, iters, gn = lbfgs_core(problem.objective, y0.detach(), tol_e, int(max_iter), history=history,
-                                        c1=c1)
-    gn = torch.where(torch.isnan(gn), torch.full_like(gn, float("inf")), gn)
-    return SolverResult(y=y, nu=None, converged=conv, iterations=iters, residual=gn)
+        y0d = y0.detach()
+        start = start_scales(problem, y0d)
+        y, conv, iters, _ = lbfgs_core(problem.objective, y0d, tol_e, int(max_iter), history=history, c1=c1,
+                                       start=start)
+        f, g = value_and_batch_grad(problem.objective, y)
+    gn = g.abs().amax(dim=1) if g.shape[1] else g.new_zeros(g.shape[0])
+    gn = torch.where(torch.isfinite(gn) & torch.isfinite(f), gn, torch.full_like(gn, float("inf")))
+    return SolverResult(y=y, nu=None, converged=conv, iterations=iters, residual=gn, method="lbfgs")

@@ -1,31 +1,49 @@
 """Batched Newton methods for unconstrained problems: dense (Cholesky with a Levenberg shift) and Newton-CG."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from torchddn.diagnostics import DDNError
-from torchddn.solvers._common import armijo, check_inputs, effective_tol, solve_kkt
+from torchddn.solvers._common import (StartScales, armijo, check_inputs, effective_tol, first_order_measure,
+                                      precision_floor, solve_kkt, start_scales)
 from torchddn.solvers.base import Problem, SolverResult, batch_hessian, batch_hvp, value_and_batch_grad
 from torchddn.solvers.lbfgs import lbfgs_core
 
-
-def _grad_test(f: Tensor, g: Tensor, tol: float) -> tuple[Tensor, Tensor]:
-    gn = g.abs().amax(dim=1) if g.shape[1] else g.new_zeros(g.shape[0])
-    finite = torch.isfinite(f) & torch.isfinite(gn)
-    return finite & (gn <= tol * f.abs().clamp_min(1.0)), gn
+#: ``method="auto"`` uses the dense Hessian up to this many unknowns per element, Newton-CG above
+DENSE_MAX = 1024
+METHODS = ("auto", "dense", "cg")
 
 
-def _truncated_cg(hvp, g: Tensor, active: Tensor, max_cg: int) -> Tensor:
+def _check(f: Tensor, g: Tensor, y: Tensor, tol: float, start: StartScales) -> tuple[Tensor, Tensor]:
+    m = first_order_measure(f, g, y, start)
+    return m <= tol, m
+
+
+def resolve_method(method: str, m: int, dense_max: int) -> str:
+    """The cost rule behind ``method="auto"``: ``"dense"`` when ``m <= dense_max`` (a dense Hessian costs ``m``
+    Hessian-vector products plus an ``O(m^3)`` Cholesky per iteration and converges quadratically), else
+    ``"cg"`` (at most ``max_cg`` Hessian-vector products per iteration, no ``m x m`` matrix)."""
+    if method not in METHODS:
+        raise DDNError(f"newton: method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "dense" if m <= int(dense_max) else "cg"
+    return method
+
+
+def _truncated_cg(hvp, g: Tensor, active: Tensor, max_cg: int, g0norm: Tensor) -> Tensor:
     """Per-element truncated CG for ``H d = -g`` (Steihaug-style stop on negative curvature, forcing term
-    ``min(0.5, sqrt|g|) |g|``). Returns a descent direction for every active element."""
+    ``min(0.5, sqrt(|g| / |g0|)) |g|``, scale free). Returns a descent direction for every active element."""
     b, m = g.shape
     x = torch.zeros_like(g)
     r = -g
     p = r.clone()
     rr = (r * r).sum(dim=1)
     gnorm = rr.sqrt()
-    target = torch.minimum(gnorm.new_full((), 0.5), gnorm.sqrt()) * gnorm
+    rel = (gnorm / g0norm.clamp_min(torch.finfo(g.dtype).tiny)).sqrt()
+    target = torch.minimum(gnorm.new_full((), 0.5), rel) * gnorm
     done = ~active | (gnorm == 0)
     tiny = torch.finfo(g.dtype).tiny
     for k in range(max_cg):
@@ -49,7 +67,7 @@ def _truncated_cg(hvp, g: Tensor, active: Tensor, max_cg: int) -> Tensor:
     return x
 
 
-def _newton_loop(problem: Problem, y0: Tensor, tol: float, max_iter: int, use_cg: bool, fallback: bool,
+def _newton_loop(problem: Problem, y0: Tensor, tol: float, max_iter: int, method: str, fallback: bool,
                  max_cg: int, c1: float) -> SolverResult:
     check_inputs(y0, tol, max_iter)
     if problem.constrained():
@@ -58,21 +76,24 @@ def _newton_loop(problem: Problem, y0: Tensor, tol: float, max_iter: int, use_cg
     obj = problem.objective
     y = y0.detach().clone()
     b, m = y.shape
+    use_cg = method == "cg"
     tol_e = effective_tol(tol, y.dtype)
     eps = torch.finfo(y.dtype).eps
+    floor = precision_floor(y.dtype)
     iters = torch.zeros(b, dtype=torch.int64, device=y.device)
     failed = torch.zeros(b, dtype=torch.bool, device=y.device)
     with torch.no_grad():
         f, g = value_and_batch_grad(obj, y)
-        conv, gn = _grad_test(f, g, tol_e)
-        bad_start = ~torch.isfinite(f) | ~torch.isfinite(g).all(dim=1)
-        failed = failed | bad_start
+        start = start_scales(problem, y, f, g)
+        g0norm = g.norm(dim=1)
+        conv, gm = _check(f, g, y, tol_e, start)
+        first = True
         for _ in range(int(max_iter)):
             active = ~conv & ~failed
             if not bool(active.any()):
                 break
             if use_cg:
-                d = _truncated_cg(lambda v: batch_hvp(obj, y, v), g, active, max_cg)
+                d = _truncated_cg(lambda v: batch_hvp(obj, y, v), g, active, max_cg, g0norm)
                 ok = torch.isfinite(d).all(dim=1)
             else:
                 H = batch_hessian(obj, y)
@@ -83,34 +104,58 @@ def _newton_loop(problem: Problem, y0: Tensor, tol: float, max_iter: int, use_cg
             d = torch.where(use_grad[:, None], -g, d)
             slope = (g * d).sum(dim=1)
             alpha, _, ls_ok = armijo(obj, y, f, d, slope, active, c1=c1)
+            # at rounding level f cannot show a decrease: accept the full Newton step where it does not raise f
+            # beyond rounding and lowers the gradient (the optimality measure is the judge there)
+            near = active & ~ls_ok & ~use_grad & (gm <= floor)
+            if bool(near.any()):
+                f_t, g_t = value_and_batch_grad(obj, y + d)
+                gain = near & torch.isfinite(f_t) & (f_t <= f + 64 * eps * f.abs()) & \
+                    torch.isfinite(g_t).all(dim=1) & (g_t.abs().amax(dim=1) < g.abs().amax(dim=1))
+                alpha = torch.where(gain, torch.ones_like(alpha), alpha)
+                ls_ok = ls_ok | gain
             stalled = active & ~ls_ok
-            conv = conv | (stalled & (gn <= eps ** 0.5 * f.abs().clamp_min(1.0)))
+            conv = conv | (stalled & (gm <= floor))
             failed = failed | (stalled & ~conv)
             step = active & ls_ok
             dy = alpha[:, None] * d
-            tiny_step = step & ((dy.abs() <= 4 * eps * (1 + y.abs())).all(dim=1))
-            conv = conv | (tiny_step & (gn <= eps ** 0.5 * f.abs().clamp_min(1.0)))
+            tiny_step = step & ((dy.abs() <= 4 * eps * y.abs()).all(dim=1))
+            conv = conv | (tiny_step & (gm <= floor))
             y = torch.where(step[:, None], y + dy, y)
+            if first:
+                # the first accepted displacement is a length of the problem too (it matters where y is near 0)
+                start.y0 = torch.maximum(start.y0, torch.where(step, dy.abs().amax(dim=1), torch.zeros_like(f)))
+                first = False
             iters = iters + active.to(torch.int64)
             f_new, g_new = value_and_batch_grad(obj, y)
             f = torch.where(step, f_new, f)
             g = torch.where(step[:, None], g_new, g)
-            c_new, gn_new = _grad_test(f, g, tol_e)
-            gn = torch.where(step, gn_new, gn)
+            c_new, gm_new = _check(f, g, y, tol_e, start)
+            gm = torch.where(step, gm_new, gm)
             conv = conv | (step & c_new)
-        retry = failed & ~bad_start
+        retry = failed
         if fallback and bool(retry.any()):
-            y_lb, conv_lb, it_lb, gn_lb = lbfgs_core(obj, y, tol_e, int(max_iter), active=retry)
+            y_lb, conv_lb, it_lb, _ = lbfgs_core(obj, y, tol_e, int(max_iter), active=retry, start=start)
             y = torch.where(retry[:, None], y_lb, y)
             conv = conv | (retry & conv_lb)
             iters = iters + it_lb
-            gn = torch.where(retry, gn_lb, gn)
-    gn = torch.where(torch.isnan(gn) | bad_start, torch.full_like(gn, float("inf")), gn)
-    return SolverResult(y=y, nu=None, converged=conv, iterations=iters, residual=gn)
+            f, g = value_and_batch_grad(obj, y)
+    gn = g.abs().amax(dim=1) if m else g.new_zeros(b)
+    gn = torch.where(torch.isfinite(gn) & torch.isfinite(f), gn, torch.full_like(gn, float("inf")))
+    return SolverResult(y=y, nu=None, converged=conv, iterations=iters, residual=gn,
+                        method="newton_cg" if use_cg else "newton")
 
 
-def newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100, cg_threshold: int = 256,
-           fallback: bool = True, max_cg: int = 250, c1: float = 1e-4) -> SolverResult:
+_RULE = """The stopping rule is the shared scale-invariant one of :mod:`torchddn.solvers._common`: an element stops
+        when ``|g|_inf L / max(|f|, |f0|, |g0|_inf L) <= tol`` with ``L = max(|y|_inf, |y0|_inf)`` (``f0``, ``g0``
+        at ``y0``, ``L`` also at least the first accepted step ``|y1 - y0|_inf``; ``|g|_inf / |g0|_inf`` while
+        ``L = 0``), ``tol`` floored at ``64 eps`` of the dtype. An
+        element whose line search cannot decrease ``f`` (or whose step is at rounding level) while that measure
+        is ``<= sqrt(eps)`` is at the attainable precision and counts as converged; otherwise it has failed."""
+
+
+def newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100, method: str = "auto",
+           dense_max: int = DENSE_MAX, fallback: bool = True, max_cg: int = 250, c1: float = 1e-4,
+           cg_threshold: Optional[int] = None) -> SolverResult:
     r"""Batched damped Newton method for ``min_y f(y)``.
 
     Per element and iteration: ``d = -(H + delta I)^{-1} grad f`` with ``H = D^2 f`` from :func:`batch_hessian`
@@ -118,20 +163,28 @@ def newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 
     that grows tenfold until the factorisation succeeds (the gradient direction is used if none does). The step
     length comes from a backtracking Armijo line search. Converged elements are frozen; iteration counts are
     kept per element. Elements whose line search fails are handed to :func:`~torchddn.solvers.lbfgs.lbfgs`.
-    For ``m > cg_threshold`` the inner solve is matrix-free (:func:`newton_cg`).
+
+    Which inner solve runs is an explicit choice (``method``), reported in ``SolverResult.method``
+    (``"newton"`` for the dense path, ``"newton_cg"`` for the matrix-free one): ``"dense"``, ``"cg"``
+    (:func:`newton_cg`), or ``"auto"``: dense when ``m <= dense_max`` (default 1024), CG above. The rule
+    weighs cost: the dense path costs ``m`` Hessian-vector products and an ``O(m^3)`` Cholesky per iteration and
+    converges quadratically (a quadratic objective in one step); CG costs up to ``max_cg`` products per
+    iteration and needs no ``m x m`` matrix, which matters once ``b m^2`` numbers no longer fit comfortably.
 
     Args:
         problem: an unconstrained :class:`~torchddn.solvers.base.Problem`.
-        y0: ``(b, m)`` starting point.
-        tol: stop an element when ``max|grad f| <= tol * max(1, |f|)`` (scale-aware; ``tol`` is floored at
-            ``64 eps`` of the dtype). An element whose line search cannot decrease ``f`` while
-            ``max|grad f| <= sqrt(eps) * max(1, |f|)`` (or whose step is below rounding level there) is at the
-            attainable precision and counts as converged.
+        y0: ``(b, m)`` starting point; the objective and its gradient must be finite there
+            (:class:`~torchddn.diagnostics.DDNError` otherwise, naming the elements).
+        tol: relative tolerance of the stopping rule below.
         max_iter: maximum Newton iterations per element (the L-BFGS fallback gets the same budget again).
-        cg_threshold: use truncated CG on Hessian-vector products when ``m`` exceeds it.
+        method: ``"auto"``, ``"dense"`` or ``"cg"`` (see above).
+        dense_max: the ``"auto"`` threshold on ``m``.
         fallback: run L-BFGS on elements where Newton's line search fails.
         max_cg: maximum CG iterations per Newton step (CG path only).
         c1: Armijo constant.
+        cg_threshold: deprecated alias of ``dense_max``.
+
+    {RULE}
 
     Returns:
         :class:`~torchddn.solvers.base.SolverResult` with ``nu=None`` and ``residual = max|grad f|``
@@ -141,7 +194,9 @@ def newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 
     (``O(b m^3)``), plus one objective evaluation per line-search trial.
     """
     b, m = y0.shape if isinstance(y0, Tensor) and y0.dim() == 2 else (0, 0)
-    return _newton_loop(problem, y0, tol, max_iter, use_cg=m > cg_threshold, fallback=fallback,
+    if cg_threshold is not None:
+        dense_max = cg_threshold
+    return _newton_loop(problem, y0, tol, max_iter, resolve_method(method, m, dense_max), fallback=fallback,
                         max_cg=max_cg, c1=c1)
 
 
@@ -150,11 +205,17 @@ def newton_cg(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int
     r"""Batched matrix-free Newton-CG (truncated Newton) for ``min_y f(y)``.
 
     The Newton system ``H d = -grad f`` is solved inexactly per element by conjugate gradients on
-    :func:`batch_hvp` products, stopping at relative residual ``min(0.5, sqrt|grad f|)`` or on negative
-    curvature (then the CG iterate so far, or ``-grad f``, is used), followed by an Armijo line search.
-    Stopping rule, fallback and outputs as in :func:`newton`.
+    :func:`batch_hvp` products, stopping at relative residual ``min(0.5, sqrt(|grad f| / |grad f(y0)|))`` or on
+    negative curvature (then the CG iterate so far, or ``-grad f``, is used), followed by an Armijo line search.
+    Fallback and outputs as in :func:`newton` (``method="newton_cg"``).
+
+    {RULE}
 
     Cost per iteration: up to ``max_cg`` batched Hessian-vector products (``O(cost of f)`` each); no dense
     ``m x m`` matrix is formed.
     """
-    return _newton_loop(problem, y0, tol, max_iter, use_cg=True, fallback=fallback, max_cg=max_cg, c1=c1)
+    return _newton_loop(problem, y0, tol, max_iter, "cg", fallback=fallback, max_cg=max_cg, c1=c1)
+
+
+for _fn in (newton, newton_cg):
+    _fn.__doc__ = _fn.__doc__.replace("{RULE}", _RULE)

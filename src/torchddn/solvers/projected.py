@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from torchddn.diagnostics import DDNError
-from torchddn.solvers._common import armijo, check_inputs, effective_tol, recover_multipliers
+from torchddn.solvers._common import (StartScales, armijo, check_inputs, effective_tol, first_order_measure,
+                                      objective_scale, precision_floor, recover_multipliers, start_scales)
 from torchddn.solvers.base import Problem, SolverResult, batch_hessian, value_and_batch_grad
 
 Projection = Callable[[Tensor], Tensor]
@@ -60,17 +61,31 @@ def project_sphere(radius: float = 1.0) -> Projection:
     return proj
 
 
-def _stationarity(project: Projection, y: Tensor, g: Tensor) -> Tensor:
-    """Projected-gradient residual ``max|y - P(y - tau g)| / tau`` with ``tau = 1 / (2 max(1, max|g|))`` (a short
-    step, so that it also measures stationarity on nonconvex sets such as spheres)."""
-    tau = 0.5 / g.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
-    r = ((y - project(y - tau * g)) / tau).abs().amax(dim=1)
-    return torch.where(torch.isnan(r), torch.full_like(r, float("inf")), r)
+def _step_length(f: Tensor, y: Tensor, g: Tensor, start: StartScales) -> Tensor:
+    """A scale-free step ``tau`` (b,) for ``y - tau g``: half the typical length per unit gradient,
+    ``tau = L / (2 max(|g|_inf, |g0|_inf))`` with ``L = max(|y|_inf, |y0|_inf)`` (``F / |g|^2`` while ``L = 0``)."""
+    L, F = objective_scale(f, y, start)
+    gmax = torch.maximum(g.abs().amax(dim=1), start.g0).clamp_min(torch.finfo(y.dtype).tiny)
+    length = torch.where(L > 0, L, F / gmax)
+    tau = 0.5 * length / gmax
+    return torch.where(torch.isfinite(tau) & (tau > 0), tau, torch.ones_like(tau))
 
 
-def _finish(problem: Problem, y: Tensor, conv: Tensor, iters: Tensor, res: Tensor) -> SolverResult:
+def _stationarity(project: Projection, y: Tensor, f: Tensor, g: Tensor, start: StartScales
+                  ) -> tuple[Tensor, Tensor]:
+    """``(measure, residual)``: the projected gradient ``pg = (y - P(y - tau g)) / tau`` (``tau`` from
+    :func:`_step_length`, short enough to measure stationarity on nonconvex sets such as spheres) judged by the
+    shared scale-invariant rule (``first_order_measure(f, pg, y)``), and ``max|pg|``; NaN gives ``inf``."""
+    tau = _step_length(f, y, g, start)[:, None]
+    pg = (y - project(y - tau * g)) / tau
+    m = first_order_measure(f, pg, y, start)
+    r = pg.abs().amax(dim=1) if pg.shape[1] else pg.new_zeros(pg.shape[0])
+    return m, torch.where(torch.isfinite(r), r, torch.full_like(r, float("inf")))
+
+
+def _finish(problem: Problem, y: Tensor, conv: Tensor, iters: Tensor, res: Tensor, method: str) -> SolverResult:
     nu = recover_multipliers(problem, y) if problem.constrained() else None
-    return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res)
+    return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res, method=method)
 
 
 def _pg_step(obj, proj: Projection, y: Tensor, f: Tensor, g: Tensor, t: Tensor, run: Tensor, c1: float,
@@ -111,20 +126,24 @@ def _start(problem: Problem, y0: Tensor, tol: float, max_iter: int):
     obj = problem.objective
     with torch.no_grad():
         y = proj(y0.detach())
+        bad = ~torch.isfinite(y).all(dim=1)
+        if bool(bad.any()):
+            from torchddn.diagnostics import element_list
+            raise DDNError(f"problem.project(y0) is NaN or Inf at batch elements {element_list(bad)}")
         b = y.shape[0]
         f, g = value_and_batch_grad(obj, y)
+        start = start_scales(Problem(obj), y, f, g, name="P(y0)")
         iters = torch.zeros(b, dtype=torch.int64, device=y.device)
         conv = torch.zeros(b, dtype=torch.bool, device=y.device)
-        failed = ~torch.isfinite(f) | ~torch.isfinite(g).all(dim=1)
-        res = _stationarity(proj, y, g)
-    return proj, obj, tol_e, y, f, g, iters, conv, failed, res
+        failed = torch.zeros(b, dtype=torch.bool, device=y.device)
+        meas, res = _stationarity(proj, y, f, g, start)
+    return proj, obj, tol_e, y, f, g, iters, conv, failed, (meas, res), start
 
 
-def _check_convergence(res: Tensor, g: Tensor, tol_e: float, conv: Tensor, failed: Tensor):
-    """Mark elements whose stationarity residual is below ``tol * max(1, |g|_inf)``; returns (conv, run, scale)."""
-    scale = g.abs().amax(dim=1).clamp_min(1.0)
-    conv = conv | (~failed & (res <= tol_e * scale))
-    return conv, ~conv & ~failed, scale
+def _check_convergence(meas: Tensor, tol_e: float, conv: Tensor, failed: Tensor):
+    """Mark elements whose scale-free stationarity measure is ``<= tol``; returns ``(conv, run)``."""
+    conv = conv | (~failed & (meas <= tol_e))
+    return conv, ~conv & ~failed
 
 
 def projected_gradient(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100,
@@ -139,25 +158,30 @@ def projected_gradient(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_
         problem: a :class:`~torchddn.solvers.base.Problem` with ``project`` (``eq``/``ineq``, if given, are only
             used to recover multipliers at the end).
         y0: ``(b, m)`` starting point (projected first).
-        tol: stop an element when ``max|y - P(y - tau grad f)| / tau <= tol * max(1, max|grad f|)`` with
-            ``tau = 1 / (2 max(1, max|grad f|))`` (``tol`` floored at ``64 eps``).
+        tol: stop an element when the projected gradient ``pg = (y - P(y - tau grad f)) / tau`` passes the shared
+            scale-invariant rule of :mod:`torchddn.solvers._common`, ``|pg|_inf L / max(|f|, |f0|, |g0|_inf L)
+            <= tol`` (``L = max(|y|_inf, |y0|_inf)``, ``f0``, ``g0`` at ``P(y0)``), with the scale-free step
+            ``tau = L / (2 max(|grad f|_inf, |g0|_inf))``; ``tol`` is floored at ``64 eps``. An element whose
+            line search fails with that measure ``<= sqrt(eps)`` is at the attainable precision (converged).
         max_iter: maximum iterations per element.
 
     Returns:
-        :class:`~torchddn.solvers.base.SolverResult`; ``residual`` is the projected-gradient stationarity above;
+        :class:`~torchddn.solvers.base.SolverResult`; ``residual`` is ``max|pg|`` (absolute);
         ``nu`` are least-squares multipliers when ``eq``/``ineq`` are given, else None.
 
     Cost per iteration: one gradient, and one projection plus one objective evaluation per line-search trial.
     """
-    proj, obj, tol_e, y, f, g, iters, conv, failed, res = _start(problem, y0, tol, max_iter)
+    proj, obj, tol_e, y, f, g, iters, conv, failed, (meas, res), start = _start(problem, y0, tol, max_iter)
+    floor = precision_floor(y.dtype)
     with torch.no_grad():
-        t = 1.0 / g.abs().amax(dim=1).clamp_min(1.0)
+        t = 2.0 * _step_length(f, y, g, start)
         for it in range(int(max_iter) + 1):
-            conv, run, scale = _check_convergence(res, g, tol_e, conv, failed)
+            conv, run = _check_convergence(meas, tol_e, conv, failed)
             if it == int(max_iter) or not bool(run.any()):
                 break
             y_new, t, accepted = _pg_step(obj, proj, y, f, g, t, run, c1, max_ls)
-            failed = failed | (run & ~accepted)
+            conv = conv | (run & ~accepted & (meas <= floor))
+            failed = failed | (run & ~accepted & ~conv)
             f_new, g_new = value_and_batch_grad(obj, y_new)
             s, yv = y_new - y, g_new - g
             sy, ss = (s * yv).sum(dim=1), (s * s).sum(dim=1)
@@ -165,9 +189,11 @@ def projected_gradient(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_
             y = torch.where(accepted[:, None], y_new, y)
             f = torch.where(accepted, f_new, f)
             g = torch.where(accepted[:, None], g_new, g)
-            res = torch.where(accepted, _stationarity(proj, y, g), res)
+            m_new, r_new = _stationarity(proj, y, f, g, start)
+            meas = torch.where(accepted, m_new, meas)
+            res = torch.where(accepted, r_new, res)
             iters = iters + run.to(torch.int64)
-    return _finish(problem, y, conv, iters, res)
+    return _finish(problem, y, conv, iters, res, "projected_gradient")
 
 
 def projected_newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100,
@@ -191,11 +217,12 @@ def projected_newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_it
     Cost per iteration: a dense Hessian (``m`` HVPs), an ``(b, m, m)`` eigen-decomposition for the step size,
     ``inner_iter`` batched mat-vecs and projections, and the line search.
     """
-    proj, obj, tol_e, y, f, g, iters, conv, failed, res = _start(problem, y0, tol, max_iter)
+    proj, obj, tol_e, y, f, g, iters, conv, failed, (meas, res), start = _start(problem, y0, tol, max_iter)
+    floor = precision_floor(y.dtype)
     with torch.no_grad():
         eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
         for it in range(int(max_iter) + 1):
-            conv, run, scale = _check_convergence(res, g, tol_e, conv, failed)
+            conv, run = _check_convergence(meas, tol_e, conv, failed)
             if it == int(max_iter) or not bool(run.any()):
                 break
             H = batch_hessian(obj, y)
@@ -209,7 +236,7 @@ def projected_newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_it
             u = y.clone()
             w = y.clone()
             tk = 1.0
-            inner_tol = 0.1 * tol_e * scale
+            inner_tol = 0.1 * tol_e * objective_scale(f, y, start)[0]
             for _ in range(inner_iter):
                 grad_w = g + torch.einsum("bmn,bn->bm", H, w - y)
                 u_new = proj(w - step[:, None] * grad_w)
@@ -229,15 +256,18 @@ def projected_newton(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_it
             # where the Newton model step fails (e.g. nonconvex sets), take a projected-gradient step instead
             retry = run & ~accepted
             if bool(retry.any()):
-                t0 = 1.0 / g.abs().amax(dim=1).clamp_min(1.0)
+                t0 = 2.0 * _step_length(f, y, g, start)
                 y_pg, _, acc_pg = _pg_step(obj, proj, y, f, g, t0, retry, c1, max_ls)
                 y_new = torch.where((retry & acc_pg)[:, None], y_pg, y_new)
                 accepted = accepted | (retry & acc_pg)
-            failed = failed | (run & ~accepted)
+            conv = conv | (run & ~accepted & (meas <= floor))
+            failed = failed | (run & ~accepted & ~conv)
             f_new, g_new = value_and_batch_grad(obj, y_new)
             y = torch.where(accepted[:, None], y_new, y)
             f = torch.where(accepted, f_new, f)
             g = torch.where(accepted[:, None], g_new, g)
-            res = torch.where(accepted, _stationarity(proj, y, g), res)
+            m_new, r_new = _stationarity(proj, y, f, g, start)
+            meas = torch.where(accepted, m_new, meas)
+            res = torch.where(accepted, r_new, res)
             iters = iters + run.to(torch.int64)
-    return _finish(problem, y, conv, iters, res)
+    return _finish(problem, y, conv, iters, res, "projected_newton")

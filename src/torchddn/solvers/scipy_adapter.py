@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from torchddn.diagnostics import DDNError
-from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_residual,
-                                      recover_multipliers)
+from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
+                                      recover_multipliers, start_scales)
 from torchddn.solvers.base import Problem, SolverResult, batch_jacobian, value_and_batch_grad
 
 _METHODS = ("SLSQP", "trust-constr", "L-BFGS-B", "BFGS", "Newton-CG", "trust-exact")
@@ -28,9 +28,12 @@ class ScipySolver:
     (``problem``'s functions are still evaluated on the input's device and dtype, on the whole batch with the
     other rows fixed, since element ``i`` depends only on row ``i``). The result is converted back to ``y0``'s
     device and dtype. Multipliers are recovered by least squares on the active constraints at the returned
-    point (torch, batched), which is exact there. ``residual`` is the KKT residual; ``converged`` means it is
-    at most ``tol * max(1, max|grad f|)``, or scipy reports success and it is at most ``sqrt(tol)`` times that
-    (scipy's own stopping tests, e.g. SLSQP's ``ftol``, are not KKT tests).
+    point (torch, batched), which is exact there. scipy runs on the normalised problem of
+    :func:`~torchddn.solvers._common.normalise` (``y / ys``, ``f / fs``, ``c / cs`` from the start), so its
+    absolute tolerances (``gtol``, SLSQP's ``ftol``) act on unit-scale numbers. ``residual`` is the absolute KKT
+    residual; ``converged`` means the scale-free KKT measure of :func:`~torchddn.solvers._common.kkt_measure` is
+    ``<= tol`` (floored at ``64 eps``), or scipy reports success and it is ``<= max(tol, sqrt(tol))`` (scipy's own
+    stopping tests, e.g. SLSQP's ``ftol``, are not KKT tests).
 
     Cost: ``b`` scipy runs, each objective/gradient evaluation costing one batched evaluation.
     """
@@ -51,7 +54,12 @@ class ScipySolver:
         if problem.constrained() and self.method not in ("SLSQP", "trust-constr"):
             raise DDNError(f"ScipySolver: method {self.method!r} does not take constraints; "
                            "use 'SLSQP' or 'trust-constr'")
-        y_cur = y0.detach().clone()
+        y_user = y0.detach().clone()
+        problem_y = problem
+        start_y = start_scales(problem_y, y_user)
+        nz = normalise(problem_y, y_user, start_y)
+        problem = nz.problem
+        y_cur = nz.to_u(y_user)
         b, m = y_cur.shape
         dev, dt = y_cur.device, y_cur.dtype
         iters = torch.zeros(b, dtype=torch.int64, device=dev)
@@ -99,8 +107,10 @@ class ScipySolver:
                 y_cur[i] = torch.as_tensor(res.x, dtype=dt, device=dev)
                 iters[i] = int(getattr(res, "nit", 0) or 0)
                 success[i] = bool(res.success) and bool(np.all(np.isfinite(res.x)))
-            nu = recover_multipliers(problem, y_cur) if problem.constrained() else None
-            resid, _, _, scale = kkt_residual(problem, y_cur, nu)
+            y_out = nz.to_y(y_cur)
+            nu = recover_multipliers(problem_y, y_out) if problem_y.constrained() else None
+            resid, meas = kkt_measure(problem_y, y_out, nu, start_y)
             tol_e = effective_tol(tol, dt)
-            conv = (resid <= tol_e * scale) | (success & (resid <= max(tol_e, tol ** 0.5) * scale))
-        return SolverResult(y=y_cur, nu=nu, converged=conv, iterations=iters, residual=resid)
+            conv = (meas <= tol_e) | (success & (meas <= max(tol_e, tol ** 0.5)))
+        return SolverResult(y=y_out, nu=nu, converged=conv, iterations=iters, residual=resid,
+                            method=f"scipy:{self.method}")

@@ -8,19 +8,23 @@ import torch
 from torch import Tensor
 
 from torchddn.diagnostics import DDNError
-from torchddn.solvers._common import (armijo, check_inputs, constraints_fn, effective_tol, kkt_residual,
-                                      raise_if_infeasible, solve_kkt)
+from torchddn.solvers._common import (StartScales, armijo, check_inputs, constraints_fn, effective_tol,
+                                      kkt_measure, normalise, raise_if_infeasible, scaled_kkt, solve_kkt,
+                                      start_scales)
 from torchddn.solvers.base import Problem, SolverResult, batch_hessian, batch_jacobian, value_and_batch_grad
 
 
 def sqp_core(objective, cfun, y: Tensor, nu: Tensor, tol: float, max_iter: int, free: Optional[Tensor] = None,
-             active: Optional[Tensor] = None, c1: float = 1e-4) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             active: Optional[Tensor] = None, c1: float = 1e-4, start: Optional[StartScales] = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Newton-KKT iterations for ``min f s.t. c(y) = 0`` on the rows of ``c`` that are not ``free``.
 
     ``nu`` (b, k) are multipliers in the ``grad f = J^T nu`` convention (zero on free rows). Steps are damped
     by an l1 merit line search ``f + mu |c|_1`` with a second-order correction for curved constraints.
     Returns ``(y, nu, converged, iterations, kkt)`` where ``kkt = max(|grad f - J^T nu|, |c|)`` on the
-    constrained rows and convergence means ``kkt <= tol * max(1, max|grad f|)``.
+    constrained rows and convergence means that the scale-free
+    :func:`~torchddn.solvers._common.scaled_kkt` measure of those rows against ``start`` (default: the scales
+    at the entry ``y``) is ``<= tol``.
     """
     b, m = y.shape
     y = y.clone()
@@ -36,6 +40,8 @@ def sqp_core(objective, cfun, y: Tensor, nu: Tensor, tol: float, max_iter: int, 
     failed = torch.zeros(b, dtype=torch.bool, device=y.device)
     mu = y.new_zeros(b)
     kkt = y.new_full((b,), float("inf"))
+    if start is None:
+        start = start_scales(Problem(objective, eq=cfun), y)
 
     def merit_fn(mu_: Tensor):
         def phi(u: Tensor) -> Tensor:
@@ -52,8 +58,8 @@ def sqp_core(objective, cfun, y: Tensor, nu: Tensor, tol: float, max_iter: int, 
         kkt_now = torch.maximum(stat, feas)
         kkt_now = torch.where(torch.isnan(kkt_now), torch.full_like(kkt_now, float("inf")), kkt_now)
         kkt = torch.where(active & ~conv & ~failed, kkt_now, kkt)
-        scale = gf.abs().amax(dim=1).clamp_min(1.0)
-        conv = conv | (active & torch.isfinite(kkt_now) & (kkt_now <= tol * scale))
+        meas = scaled_kkt(f, gf - torch.einsum("bkm,bk->bm", A, nu), y, A, feas, None, None, start)
+        conv = conv | (active & torch.isfinite(kkt_now) & (meas <= tol))
         failed = failed | (active & ~conv & ~torch.isfinite(kkt_now))
         run = active & ~conv & ~failed
         if it == max_iter or not bool(run.any()):
@@ -112,21 +118,23 @@ def sqp_core(objective, cfun, y: Tensor, nu: Tensor, tol: float, max_iter: int, 
 
 
 def active_set_polish(problem: Problem, y: Tensor, nu: Tensor, active_ineq: Tensor, tol: float,
-                      steps: int = 3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      start: StartScales, steps: int = 3) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A few Newton-KKT steps on the equalities plus the inequalities flagged in ``active_ineq`` (b, q),
-    accepted per element only where the full KKT residual (feasibility, complementarity and multiplier signs
-    included) improves. Returns ``(y, nu, residual, scale)``."""
+    accepted per element only where the full scale-free KKT measure (feasibility, complementarity and
+    multiplier signs included; :func:`~torchddn.solvers._common.kkt_measure` against ``start``) improves.
+    Returns ``(y, nu, residual, measure)``."""
     cfun = constraints_fn(problem)
     b = y.shape[0]
-    res0, _, _, scale0 = kkt_residual(problem, y, nu)
+    res0, m0 = kkt_measure(problem, y, nu, start)
     p = nu.shape[1] - active_ineq.shape[1]
     free = torch.cat([torch.zeros(b, p, dtype=torch.bool, device=y.device), ~active_ineq], dim=1)
-    y_p, nu_p, _, _, _ = sqp_core(problem.objective, cfun, y, nu * (~free).to(nu.dtype), tol, steps, free=free)
-    res_p, _, _, scale_p = kkt_residual(problem, y_p, nu_p)
-    better = res_p < res0
+    y_p, nu_p, _, _, _ = sqp_core(problem.objective, cfun, y, nu * (~free).to(nu.dtype), tol, steps, free=free,
+                                  start=start)
+    res_p, m_p = kkt_measure(problem, y_p, nu_p, start)
+    better = m_p < m0
     y = torch.where(better[:, None], y_p, y)
     nu = torch.where(better[:, None], nu_p, nu)
-    return y, nu, torch.where(better, res_p, res0), torch.where(better, scale_p, scale0)
+    return y, nu, torch.where(better, res_p, res0), torch.where(better, m_p, m0)
 
 
 def sqp(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100, nu0: Optional[Tensor] = None,
@@ -144,8 +152,12 @@ def sqp(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100
         problem: a :class:`~torchddn.solvers.base.Problem` with ``eq`` (and no ``ineq``; use
             :func:`~torchddn.solvers.interior_point.interior_point` for those).
         y0: ``(b, m)`` starting point.
-        tol: stop an element when ``max(|grad f - A^T nu|, |h|) <= tol * max(1, max|grad f|)`` (``tol`` floored at
-            ``64 eps`` of the dtype).
+        tol: stop an element when the scale-free KKT measure of :func:`~torchddn.solvers._common.kkt_measure`
+            (stationarity ``|grad f - A^T nu|_inf L / max(|f|, |f0|, |g0|_inf L)``, violation
+            ``|h|_inf / max(|h(y0)|_inf, |A|_inf L)``; ``L = max(|y|_inf, |y0|_inf)``) is ``<= tol`` (``tol``
+            floored at ``64 eps`` of the dtype). The iteration runs in normalised units
+            (:func:`~torchddn.solvers._common.normalise`), so it is invariant under scaling ``f``, ``h`` and
+            ``y`` with the data.
         max_iter: maximum iterations per element.
         nu0: optional ``(b, p)`` starting multipliers (default: zeros).
         on_infeasible: ``"report"`` or ``"raise"``, as in :func:`~torchddn.solvers.interior_point.interior_point`.
@@ -167,14 +179,25 @@ def sqp(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100
     tol_e = effective_tol(tol, y0.dtype)
     y = y0.detach().clone()
     with torch.no_grad():
+        start = start_scales(problem, y)
+        nz = normalise(problem, y, start)
+        sp = nz.problem
+        u = nz.to_u(y)
+        p = constraints_fn(problem)(y).shape[1]
         if nu0 is None:
             # zero multipliers: the first step uses the objective's Hessian (a least-squares estimate far from
             # the constraint set can make the Lagrangian's Hessian indefinite and the first steps tiny)
-            p = constraints_fn(problem)(y).shape[1]
-            nu0 = y.new_zeros(y.shape[0], p)
-        y, nu, conv, iters, _ = sqp_core(problem.objective, constraints_fn(problem), y,
-                                         nu0.detach().to(y), tol_e, int(max_iter), c1=c1)
-        res, _, _, scale = kkt_residual(problem, y, nu)
-        conv = conv & (res <= 2 * tol_e * scale)
-        raise_if_infeasible(problem, y, conv, tol_e, on_infeasible)
-    return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res)
+            nu_u = y.new_zeros(y.shape[0], p)
+        else:
+            nu_u = nu0.detach().to(y) * (nz.cs / nz.fs)[:, None]
+        u, nu_u, conv, iters, _ = sqp_core(sp.objective, constraints_fn(sp), u, nu_u, tol_e, int(max_iter),
+                                           c1=c1, start=start_scales(sp, nz.to_u(y)))
+        u0 = nz.to_u(y)
+        fin = torch.isfinite(u).all(dim=1) & torch.isfinite(nu_u).all(dim=1)
+        u = torch.where(fin[:, None], u, u0)
+        nu_u = torch.where(fin[:, None], nu_u, torch.zeros_like(nu_u))
+        y, nu = nz.to_y(u), nz.nu_to_y(nu_u)
+        res, meas = kkt_measure(problem, y, nu, start)
+        conv = meas <= tol_e
+        raise_if_infeasible(sp, u, conv, tol_e, on_infeasible, y0=u0)
+    return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res, method="sqp")
