@@ -18,6 +18,7 @@ from torchddn.implicit import (AttachImplicit, BoundProblem, ConstraintState, Im
                                KKTRule, constraint_state, implicit_vjp, is_live, kkt_residual_live, shared_positions,
                                warn_nonregular)
 from torchddn.solvers import DEFAULTS, Problem, get_solver
+from torchddn.solvers._common import first_order_check
 from torchddn.solvers.base import batch_grad, batch_hessian, batch_hvp, value_and_batch_grad
 from torch.func import jvp
 
@@ -195,12 +196,15 @@ class DeclarativeNode:
                           residuals=rfun)
         default = "levenberg_marquardt" if rfun is not None and not bp.num_constraints else \
             DEFAULTS[self._problem_class()]
-        solver = get_solver(self.solver if self.solver is not None else default)
+        solver = get_solver(self.solver if self.solver is not None else default, kind="minimise")
         kwargs: dict = {"max_iter": self.max_iter}
         if self.tol is not None:
             kwargs["tol"] = self.tol
-        res = solver(problem, y0.reshape(b, -1), **kwargs)
-        ctx = {"nu": res.nu, "converged": res.converged, "iterations": res.iterations}
+        y0f = y0.reshape(b, -1)
+        res = solver(problem, y0f, **kwargs)
+        f0, g0 = value_and_batch_grad(problem.objective, y0f)
+        ctx = {"nu": res.nu, "converged": res.converged, "iterations": res.iterations,
+               "method": getattr(res, "method", None), "_start": (f0, g0, y0f)}
         return res.y.reshape(y0.shape), ctx
 
     def gradient(self, *xs: Any, y: Optional[Tensor] = None, v: Optional[Tensor] = None,
@@ -370,6 +374,7 @@ class DeclarativeNode:
             violation = raw.clamp_min(0).amax(-1)  # reported in the units the node wrote its constraints in
             active = state.mask[:, bp.num_eq:]
         else:
+            resid = gf
             residual = gf.norm(dim=-1)
             violation = distance = torch.zeros_like(residual)
             active = None
@@ -381,8 +386,25 @@ class DeclarativeNode:
                            iterations=iterations if iterations is not None else torch.zeros(
                                b, dtype=torch.long, device=y.device))
         tol = self._check_tol(y.dtype)
-        scale = 1 + fval.abs()
-        bad_opt = residual > tol * scale
+        start = ctx.get("_start")
+        if start is None and type(self).initial_guess is not DeclarativeNode.initial_guess:
+            # a user's solve: the node's initial guess gives the problem's scales
+            y0 = self.initial_guess(*xs)
+            if isinstance(y0, Tensor) and y0.shape == y.shape and bool(torch.isfinite(y0).all()):
+                y0f = y0.detach().reshape(b, -1).to(yf.dtype)
+                f0, g0 = value_and_batch_grad(lambda t: bp.f(tensors, t), y0f)
+                start = (f0, g0, y0f)
+        if start is not None:
+            # scale-invariant, against the built-in solver's start (see solvers._common.first_order_check)
+            ok, _ = first_order_check(fval, resid, yf, tol, *start)
+            bad_opt = ~ok
+            if state is not None:  # inequality multipliers of the wrong sign, relative to the multipliers' size
+                nu_size = state.nu.norm(dim=-1).clamp_min(torch.finfo(yf.dtype).tiny)
+                bad_opt = bad_opt | (state.dual_infeasible > tol * nu_size)
+        else:
+            # a user's solve: flagged only when both the absolute and the scale-free test fail
+            ok, _ = first_order_check(fval, resid, yf, tol)
+            bad_opt = (residual > tol * (1 + fval.abs())) & ~ok
         bad_con = distance > tol * (1 + yf.abs().amax(-1))
         if self.on_failure != "ignore":
             messages = []
@@ -390,8 +412,8 @@ class DeclarativeNode:
                 messages.append(f"the forward solver did not converge at elements {element_list(~converged)}")
             if bool(bad_opt.any()):
                 messages.append(f"the solution fails the first-order optimality conditions at elements "
-                                f"{element_list(bad_opt)} (residual up to {float(residual.max()):.3g}, tolerance "
-                                f"{tol:.1g} x (1 + |f|))")
+                                f"{element_list(bad_opt)} (residual up to {float(residual.max()):.3g}; the "
+                                f"scale-free test |grad L| |y| / |f| <= {tol:.1g} fails)")
             if bool(bad_con.any()):
                 messages.append(f"the solution violates the constraints at elements {element_list(bad_con)} "
                                 f"(violation up to {float(violation.max()):.3g})")
