@@ -35,7 +35,8 @@ from torchddn.linalg import (GMRES, MINRES, BiCGStab, LinearOperator, LinearSolv
 from torchddn.linalg import solve as linalg_solve
 from torchddn.backward import Implicit, JacobianFree, Phantom, Truncated, Unrolled, as_backward
 from torchddn.node import DeclarativeNode
-from torchddn.solvers.base import SolverResult, batch_jacobian
+from torchddn.solvers.base import SolverResult
+from torchddn.autodiff import batch_jacobian
 from torchddn.solvers.fixed_point import (FORWARD_SOLVERS, anderson, broyden, default_tol, fp_residual, picard)
 
 _fp_residual = fp_residual

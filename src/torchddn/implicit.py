@@ -30,7 +30,7 @@ from torch.func import grad, jvp, vjp
 
 from torchddn import linalg
 from torchddn.diagnostics import DDNError, NonRegularWarning, element_list
-from torchddn.solvers.base import batch_grad, batch_jacobian
+from torchddn.autodiff import batch_grad, batch_jacobian
 
 
 @dataclass(eq=False)

@@ -19,7 +19,7 @@ from torchddn.implicit import (AttachImplicit, BoundProblem, ConstraintState, Im
                                warn_nonregular)
 from torchddn.solvers import DEFAULTS, Problem, get_solver
 from torchddn.solvers._common import first_order_check
-from torchddn.solvers.base import batch_grad, batch_hessian, batch_hvp, value_and_batch_grad
+from torchddn.autodiff import batch_grad, batch_hessian, batch_hvp, value_and_batch_grad
 from torch.func import jvp
 
 BACKWARD_MODES = ("auto", "dense", "cg", "minres", "gmres", "bicgstab", "neumann", "unrolled", "truncated",

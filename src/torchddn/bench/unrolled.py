@@ -17,7 +17,7 @@ import torchddn as ddn
 from torchddn.bench.common import graph_memory, module_main, timeit
 from torchddn.bench.core import PseudoHuberRegression, _problem
 from torchddn.solvers import Problem, SolverResult
-from torchddn.solvers.base import batch_grad
+from torchddn.autodiff import batch_grad
 
 
 def gradient_descent(steps: int, lr: float) -> Callable[..., SolverResult]:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional, Union
 
-from torchddn.solvers.base import Problem, SolverResult, batch_grad, batch_hessian, batch_hvp, batch_jacobian
+from torchddn.solvers.base import Problem, SolverResult
+from torchddn.autodiff import batch_grad, batch_hessian, batch_hvp, batch_jacobian
 
 class SolverEntry(tuple):
     """``(module, attribute)`` of a registered solver, with its ``kind`` (``"minimise"``, ``"fixed_point"`` or

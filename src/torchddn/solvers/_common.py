@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from torchddn.diagnostics import DDNError, element_list
-from torchddn.solvers.base import Problem, batch_jacobian, value_and_batch_grad
+from torchddn.solvers.base import Problem
+from torchddn.autodiff import batch_jacobian, value_and_batch_grad
 
 
 def effective_tol(tol: float, dtype: torch.dtype) -> float:

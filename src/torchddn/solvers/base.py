@@ -12,9 +12,9 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
 
-BatchFn = Callable[[Tensor], Tensor]
+from torchddn.autodiff import (BatchFn, batch_grad, batch_hessian, batch_hvp,  # noqa: F401  (re-exported)
+                               batch_jacobian, value_and_batch_grad)
 
 
 @dataclass
@@ -61,41 +61,3 @@ class SolverResult:
     iterations: Tensor
     residual: Tensor
     method: Optional[str] = None
-
-
-def batch_grad(fn: BatchFn, y: Tensor) -> Tensor:
-    """Per-element gradient ``(b, m)`` of a batched scalar function ``fn: (b, m) -> (b,)``."""
-    return grad(lambda u: fn(u).sum())(y)
-
-
-def value_and_batch_grad(fn: BatchFn, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``(fn(y), batch_grad(fn, y))`` in one pass."""
-
-    def total(u: Tensor) -> tuple[Tensor, Tensor]:
-        val = fn(u)
-        return val.sum(), val
-
-    g, val = grad(total, has_aux=True)(y)
-    return val, g
-
-
-def batch_hvp(fn: BatchFn, y: Tensor, v: Tensor) -> Tensor:
-    """Per-element Hessian-vector products ``H_i v_i``, shape ``(b, m)`` (forward-over-reverse)."""
-    return jvp(lambda u: batch_grad(fn, u), (y,), (v,))[1]
-
-
-def batch_hessian(fn: BatchFn, y: Tensor) -> Tensor:
-    """Dense per-element Hessians ``(b, m, m)`` from ``m`` vmapped Hessian-vector products."""
-    b, m = y.shape
-    eye = torch.eye(m, dtype=y.dtype, device=y.device)
-    cols = vmap(lambda e: batch_hvp(fn, y, e.expand(b, m)))(eye)  # (m, b, m): cols[j, i] = H_i e_j
-    return cols.permute(1, 2, 0)
-
-
-def batch_jacobian(fn: BatchFn, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Value ``(b, p)`` and per-element Jacobian ``(b, p, m)`` of ``fn: (b, m) -> (b, p)``, by ``p`` vmapped VJPs."""
-    val, vjp_fn = vjp(fn, y)
-    b, p = val.shape
-    eye = torch.eye(p, dtype=val.dtype, device=val.device)
-    rows = vmap(lambda e: vjp_fn(e.expand(b, p))[0])(eye)  # (p, b, m)
-    return val, rows.permute(1, 0, 2)

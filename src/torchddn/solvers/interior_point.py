@@ -8,7 +8,8 @@ from torch import Tensor
 
 from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
                                       raise_if_infeasible, solve_kkt, start_scales)
-from torchddn.solvers.base import Problem, SolverResult, batch_hessian, batch_jacobian, value_and_batch_grad
+from torchddn.solvers.base import Problem, SolverResult
+from torchddn.autodiff import batch_hessian, batch_jacobian, value_and_batch_grad
 from torchddn.solvers.sqp import active_set_polish
 
 

@@ -9,7 +9,8 @@ from torch import Tensor
 from torchddn.diagnostics import DDNError
 from torchddn.solvers._common import (StartScales, armijo, check_inputs, effective_tol, first_order_measure,
                                       objective_scale, precision_floor, start_scales)
-from torchddn.solvers.base import Problem, SolverResult, value_and_batch_grad
+from torchddn.solvers.base import Problem, SolverResult
+from torchddn.autodiff import value_and_batch_grad
 
 
 def _converged(f: Tensor, g: Tensor, y: Tensor, tol: float, start: StartScales) -> tuple[Tensor, Tensor]:

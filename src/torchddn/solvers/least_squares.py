@@ -21,7 +21,8 @@ from torch.func import jvp, vmap
 
 from torchddn.diagnostics import DDNError, element_list
 from torchddn.solvers._common import armijo, check_inputs, effective_tol
-from torchddn.solvers.base import BatchFn, Problem, SolverResult
+from torchddn.solvers.base import Problem, SolverResult
+from torchddn.autodiff import BatchFn
 
 __all__ = ["levenberg_marquardt", "gauss_newton", "residuals_and_jacobian"]
 

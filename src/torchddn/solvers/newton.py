@@ -9,7 +9,8 @@ from torch import Tensor
 from torchddn.diagnostics import DDNError
 from torchddn.solvers._common import (StartScales, armijo, check_inputs, effective_tol, first_order_measure,
                                       precision_floor, solve_kkt, start_scales)
-from torchddn.solvers.base import Problem, SolverResult, batch_hessian, batch_hvp, value_and_batch_grad
+from torchddn.solvers.base import Problem, SolverResult
+from torchddn.autodiff import batch_hessian, batch_hvp, value_and_batch_grad
 from torchddn.solvers.lbfgs import lbfgs_core
 
 #: ``method="auto"`` uses the dense Hessian up to this many unknowns per element, Newton-CG above

@@ -12,7 +12,8 @@ from torch import Tensor
 from torchddn.diagnostics import DDNError
 from torchddn.solvers._common import (StartScales, armijo, check_inputs, effective_tol, first_order_measure,
                                       objective_scale, precision_floor, recover_multipliers, start_scales)
-from torchddn.solvers.base import Problem, SolverResult, batch_hessian, value_and_batch_grad
+from torchddn.solvers.base import Problem, SolverResult
+from torchddn.autodiff import batch_hessian, value_and_batch_grad
 
 Projection = Callable[[Tensor], Tensor]
 

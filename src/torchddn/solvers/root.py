@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.func import jvp
 
 from torchddn.diagnostics import DDNError, element_list
-from torchddn.solvers.base import SolverResult, batch_jacobian
+from torchddn.solvers.base import SolverResult
+from torchddn.autodiff import batch_jacobian
 
 FlatMap = Callable[[Tensor], Tensor]
 

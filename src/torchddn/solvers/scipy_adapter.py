@@ -11,7 +11,8 @@ from torch import Tensor
 from torchddn.diagnostics import DDNError
 from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
                                       recover_multipliers, start_scales)
-from torchddn.solvers.base import Problem, SolverResult, batch_jacobian, value_and_batch_grad
+from torchddn.solvers.base import Problem, SolverResult
+from torchddn.autodiff import batch_jacobian, value_and_batch_grad
 
 _METHODS = ("SLSQP", "trust-constr", "L-BFGS-B", "BFGS", "Newton-CG", "trust-exact")
 

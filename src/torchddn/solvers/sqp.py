@@ -11,7 +11,8 @@ from torchddn.diagnostics import DDNError
 from torchddn.solvers._common import (StartScales, armijo, check_inputs, constraints_fn, effective_tol,
                                       kkt_measure, normalise, raise_if_infeasible, scaled_kkt, solve_kkt,
                                       start_scales)
-from torchddn.solvers.base import Problem, SolverResult, batch_hessian, batch_jacobian, value_and_batch_grad
+from torchddn.solvers.base import Problem, SolverResult
+from torchddn.autodiff import batch_hessian, batch_jacobian, value_and_batch_grad
 
 
 def sqp_core(objective, cfun, y: Tensor, nu: Tensor, tol: float, max_iter: int, free: Optional[Tensor] = None,
