@@ -24,8 +24,8 @@ from torch import Tensor
 
 from torchddn.backward import Implicit, as_backward
 from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
-from torchddn.fixed_point import (_attach_root, _check_y, _detach_all, _flat_map, _implicit_tangent, _implicit_vjp,
-                                  dense_solve_general, gmres)
+from torchddn.implicit.root import attach_root, check_y, detach_all, flat_map, root_tangent, root_vjp
+from torchddn.linalg import dense_solve_general, gmres  # noqa: F401  (re-exported)
 from torchddn.function import DeclarativeFunction
 from torchddn.node import DeclarativeNode
 from torchddn.solvers.root import default_tol, newton_root  # noqa: F401  (re-exported)
@@ -89,7 +89,7 @@ class RootNode(DeclarativeNode):
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def _flat_F(self, xs: tuple, shape: torch.Size) -> FlatMap:
-        return _flat_map(lambda y: self._F(*xs, y=y), shape, f"{type(self).__name__}.optimality")
+        return flat_map(lambda y: self._F(*xs, y=y), shape, f"{type(self).__name__}.optimality")
 
     # ---- tuple solutions: (u, nu) and the like are concatenated into one flat (b, m) solution ----------------------
     def _pack(self, y: Any) -> Tensor:
@@ -148,8 +148,8 @@ class RootNode(DeclarativeNode):
         """Find ``y`` with ``F(*xs, y) = 0`` by damped Newton from :meth:`initial_guess`: returns ``(y, ctx)`` with
         the per-element ``converged``, ``iterations`` and ``residual`` (``||F(y)||``)."""
         with torch.no_grad():
-            xs = _detach_all(xs)
-            y0 = _check_y(self._pack(self.initial_guess(*xs)), f"{type(self).__name__}.initial_guess")
+            xs = detach_all(xs)
+            y0 = check_y(self._pack(self.initial_guess(*xs)), f"{type(self).__name__}.initial_guess")
             shape = y0.shape
             F = self._flat_F(xs, shape)
             res = newton_root(F, y0.reshape(shape[0], -1), tol=self.tol, max_iter=self.max_iter,
@@ -161,7 +161,7 @@ class RootNode(DeclarativeNode):
         b = y.shape[0]
         with torch.no_grad():
             yf = y.reshape(b, -1)
-            residual = _norm(self._flat_F(_detach_all(xs), y.shape)(yf))
+            residual = _norm(self._flat_F(detach_all(xs), y.shape)(yf))
         converged = ctx.get("converged")
         is_root = residual <= self._check_tol(y.dtype)
         iterations = ctx.get("iterations")
@@ -188,7 +188,7 @@ class RootNode(DeclarativeNode):
         if v.shape != y.shape:
             raise DDNError(f"{type(self).__name__}: incoming gradient has shape {tuple(v.shape)} but y has shape "
                            f"{tuple(y.shape)}")
-        return _implicit_vjp(self, self._F, "root", self._method(y), xs, y, -v.to(y.dtype), *_ROOT_TEXT,
+        return root_vjp(self, self._F, "root", self._method(y), xs, y, -v.to(y.dtype), *_ROOT_TEXT,
                              need=need, cache=(ctx or {}).get("_cache"), key=v, sign=-1.0, tol=self.linear_tol,
                              max_iter=self.linear_max_iter)
 
@@ -201,12 +201,12 @@ class RootNode(DeclarativeNode):
         return method
 
     def _attach(self, xs: tuple, y: Tensor, ctx: dict) -> Tensor:
-        return _attach_root(self, self._F, "root", self._method(y), xs, y, ctx, *_ROOT_TEXT,
+        return attach_root(self, self._F, "root", self._method(y), xs, y, ctx, *_ROOT_TEXT,
                             tol=self.linear_tol, max_iter=self.linear_max_iter)
 
     def _implicit_jvp(self, xs: tuple, y: Tensor, tangents: tuple, ctx: Optional[dict]) -> Tensor:
         """Forward mode: ``dy = -(∂F/∂y)⁻¹ ∂F/∂x dx``."""
-        return _implicit_tangent(self, self._F, "root", self._method(y), xs, y, tangents,
+        return root_tangent(self, self._F, "root", self._method(y), xs, y, tangents,
                                  tol=self.linear_tol, max_iter=self.linear_max_iter)
 
 
@@ -226,7 +226,7 @@ class _CustomRootNode(RootNode):
 
     def solve(self, *xs: Any) -> tuple[Tensor, Optional[dict]]:
         with torch.no_grad():
-            xs = _detach_all(xs)
+            xs = detach_all(xs)
             y = self._solver(*xs)
             like = next((x for x in xs if isinstance(x, Tensor) and x.is_floating_point()), None)
 
@@ -239,7 +239,7 @@ class _CustomRootNode(RootNode):
 
             y = tuple(as_tensor(t) for t in y) if isinstance(y, (tuple, list)) else as_tensor(y)
             name = getattr(self._solver, "__name__", "solver")
-            y = _check_y(self._pack(y), f"custom_root solver {name!r}")
+            y = check_y(self._pack(y), f"custom_root solver {name!r}")
         return y, None
 
 

@@ -71,7 +71,7 @@ def test_module_parameter_gets_exact_gradient_and_is_registered():
 
 
 def test_parameter_and_input_gradients_together_share_one_solve(monkeypatch):
-    from torchddn import implicit
+    from torchddn.implicit import kkt as implicit
     node = LearnedHuber()
     layer = ddn.DeclarativeLayer(node)
     x = (weights(3, 12) * 2).requires_grad_(True)

@@ -54,7 +54,7 @@ def newton_root(F: FlatMap, y0: Tensor, *, tol: Optional[float] = None, max_iter
     the line search.
     """
     # the batched linear solvers are shared with the fixed-point node's backward
-    from torchddn.fixed_point import dense_solve_general, gmres
+    from torchddn.linalg import dense_solve_general, gmres
 
     if linear_solver not in ("dense", "gmres"):
         raise ValueError(f"linear_solver must be 'dense' or 'gmres', got {linear_solver!r}")

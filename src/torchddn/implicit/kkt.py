@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp
+from torch.func import grad, vjp
 
 from torchddn import linalg
 from torchddn.diagnostics import DDNError, NonRegularWarning, element_list
