@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "least_squares": "torchddn.bench.least_squares",
     "pointnet": "torchddn.bench.pointnet",
     "fixed_point": "torchddn.bench.fixed_point",
+    "deq": "torchddn.bench.deq",
 }
 
 __all__ = ["REGISTRY"]
