@@ -75,7 +75,7 @@ def _args(out, *extra):
 
 def test_registry_order():
     assert list(REGISTRY) == ["core", "unrolled", "pooling", "projections", "qp", "sinkhorn",
-                              "least_squares", "curve_fit", "pointnet", "fixed_point"]
+                              "least_squares", "curve_fit", "pointnet", "fixed_point", "deq"]
     assert all(v == f"torchddn.bench.{k}" for k, v in REGISTRY.items())
 
 

@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "curve_fit": "torchddn.bench.curve_fit",
     "pointnet": "torchddn.bench.pointnet",
     "fixed_point": "torchddn.bench.fixed_point",
+    "deq": "torchddn.bench.deq",
 }
 
 __all__ = ["REGISTRY"]

@@ -8,6 +8,10 @@ batch, ``x`` of shape ``(b, n)``, ``n = 2m``, ``b = 16``, float64.
   ``v^T Dy = -v^T H^-1 B``.
 * ``torchddn``: ``backward="auto"`` (dense from vmapped Hessian-vector products for small ``m``, CG beyond).
 
+The ``A/sqrt(m)`` rows repeat this with ``A`` divided by ``sqrt(m)`` instead of ``sqrt(n)`` (a Hessian
+``A^T D A + 0.1 I`` with twice the data curvature against the same ridge: a larger condition number, so more CG
+iterations), at ``m = 256, 1024`` (quick: 32, 64).
+
 Each row reports both backward times, their ratio, the forward (built-in Newton) time and the largest gradient
 difference. Run: ``python benchmarks/bench_core.py [--quick]`` or ``torchddn bench --only core``.
 """
@@ -56,23 +60,29 @@ def column_by_column_backward(node: PseudoHuberRegression, x: Tensor, y: Tensor,
     return torch.einsum("bm,bmn->bn", v, Dy)
 
 
-def _problem(m: int, b: int, device: str, dtype: torch.dtype, seed: int = 0) -> tuple:
+def _problem(m: int, b: int, device: str, dtype: torch.dtype, seed: int = 0, scale: str = "n") -> tuple:
+    """``A (n, m)`` Gaussian divided by ``sqrt(n)`` (``scale="n"``) or by ``sqrt(m)`` (``scale="m"``: twice the
+    data term's curvature against the fixed ``0.05 ||y||^2``, so a less well conditioned Hessian), ``x``, ``v``."""
     g = torch.Generator().manual_seed(seed)
     n = 2 * m
-    A = (torch.randn(n, m, generator=g, dtype=dtype) / n ** 0.5).to(device)
+    A = (torch.randn(n, m, generator=g, dtype=dtype) / (n if scale == "n" else m) ** 0.5).to(device)
     x = (torch.randn(b, n, generator=g, dtype=dtype) * 2).to(device)
     v = torch.randn(b, m, generator=g, dtype=dtype).to(device)
     return A, x, v
 
 
-def run(quick: bool = False, device: str = "cpu", sizes: tuple[int, ...] | None = None) -> list[dict]:
-    """Rows for each ``m``: backward time of ``auto`` vs column-by-column, forward time, gradient difference."""
+def run(quick: bool = False, device: str = "cpu", sizes: tuple[int, ...] | None = None,
+        ill_sizes: tuple[int, ...] | None = None) -> list[dict]:
+    """Rows for each ``m``: backward time of ``auto`` vs column-by-column, forward time, gradient difference; then
+    the same at ``ill_sizes`` with ``A / sqrt(m)`` (less well conditioned); then the dense / cg crossover."""
     sizes = sizes or ((32, 64, 128) if quick else (64, 256, 1024))
+    ill_sizes = ill_sizes or ((32, 64) if quick else (256, 1024))
     b = 16
     dtype = torch.float64
     rows = []
-    for m in sizes:
-        A, x, v = _problem(m, b, device, dtype)
+    cases = [(m, "n") for m in sizes] + [(m, "m") for m in ill_sizes]
+    for m, scale in cases:
+        A, x, v = _problem(m, b, device, dtype, scale=scale)
         node = PseudoHuberRegression(A, backward="auto")
         layer = ddn.DeclarativeLayer(node)
 
@@ -92,14 +102,17 @@ def run(quick: bool = False, device: str = "cpu", sizes: tuple[int, ...] | None 
         t_ours = timeit(ours, repeats=3, warmup=1, device=device)
         g_ours = ours()
         method = node.diagnostics.backward_method
+        lin_it = node.diagnostics.linear_iterations
+        lin_it = None if lin_it is None else float(lin_it.double().max())
         t_ref = timeit(lambda: column_by_column_backward(node, x, y, v), repeats=repeats,
                        warmup=0 if m >= 1024 else 1, device=device)
         g_ref = column_by_column_backward(node, x, y, v)
         err = float((g_ours - g_ref).abs().max())
-        rows.append({"benchmark": f"generic backward m={m}", "baseline": "column-by-column dense (reference)",
+        name = f"generic backward m={m}" if scale == "n" else f"generic backward A/sqrt(m) m={m}"
+        rows.append({"benchmark": name, "baseline": "column-by-column dense (reference)",
                      "ratio": t_ref / t_ours, "size": m, "ours_ms": 1e3 * t_ours, "baseline_ms": 1e3 * t_ref,
                      "forward_ms": 1e3 * t_fwd, "backward_over_forward": t_ours / t_fwd, "method": method,
-                     "max_grad_diff": err})
+                     "linear_iters": lin_it, "max_grad_diff": err})
     # crossover: dense vs cg at each size
     for m in sizes:
         A, x, v = _problem(m, b, device, dtype, seed=1)
