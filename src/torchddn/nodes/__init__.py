@@ -38,12 +38,9 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted(_LAZY)
 
-# Modules named like their function: bind the function eagerly, since importing the submodule would otherwise set
-# the package attribute to the module.
-from torchddn.nodes.analytic_centre import analytic_centre  # noqa: E402
-from torchddn.nodes.pnp import pnp  # noqa: E402
-from torchddn.nodes.qp import qp  # noqa: E402
-from torchddn.nodes.robust_pool import robust_pool  # noqa: E402
+# Modules named like their function (robust_pool, pnp, qp, analytic_centre) are callable modules: the package
+# attribute is the module, and calling it calls the function (see torchddn.nodes._callable).
+from torchddn.nodes import analytic_centre, pnp, qp, robust_pool  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from torchddn.nodes._callable import make_callable
 from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
 
 __all__ = ["analytic_centre", "AnalyticCentre"]
@@ -190,3 +191,6 @@ class AnalyticCentre(nn.Module):
         self.diagnostics = Diagnostics()
         return analytic_centre(G, h, tol=self.tol, max_iter=self.max_iter, on_failure=self.on_failure,
                                diagnostics=self.diagnostics)
+
+
+make_callable(__name__)  # torchddn.nodes.analytic_centre is this module and calls analytic_centre(...) (see nodes/_callable.py)

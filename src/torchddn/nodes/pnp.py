@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, hessian, vmap
 
+from torchddn.nodes._callable import make_callable
 from torchddn.diagnostics import (
     ConvergenceWarning,
     DDNError,
@@ -347,3 +348,6 @@ def learn_weights_example(B: int = 4, N: int = 24, outlier_fraction: float = 0.2
         opt.step()
     return {"initial_error": history[0], "final_error": history[-1], "history": history,
             "weights": torch.sigmoid(logits).detach(), "outlier": outlier}
+
+
+make_callable(__name__)  # torchddn.nodes.pnp is this module and calls pnp(...) (see nodes/_callable.py)

@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from torchddn.nodes._callable import make_callable
 from torchddn.diagnostics import (
     ConvergenceWarning,
     DDNError,
@@ -750,3 +751,6 @@ class QPLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tol={self.tol}, max_iter={self.max_iter}, return_multipliers={self.return_multipliers}"
+
+
+make_callable(__name__)  # torchddn.nodes.qp is this module and calls qp(...) (see nodes/_callable.py)

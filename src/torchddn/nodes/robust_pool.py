@@ -28,7 +28,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from torchddn.nodes._callable import make_callable
 from torchddn.diagnostics import DDNError, NonRegularWarning, element_list
+from torchddn.implicit import fold_vmap
 from torchddn.nodes.penalties import (
     Penalty,
     Quadratic,
@@ -67,9 +69,20 @@ def _check_x(x: Tensor, name: str = "x") -> None:
         raise DDNError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
+def _plain(t: Tensor) -> Tensor:
+    """The plain tensor under any ``torch.func`` wrappers (vmap / grad / jvp levels), detached: input checks run
+    on its values, so that they stay valid (and data-dependent) under the transforms."""
+    from torch._C import _functorch
+    t = t.detach()
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
+
+
 def _check_finite(x2: Tensor, name: str) -> None:
-    """x2 is (B, ...); raise naming the batch rows that hold NaN/Inf."""
-    xd = x2.detach().reshape(x2.shape[0], -1)
+    """x2 is (B, ...); raise naming the batch rows that hold NaN/Inf (of the plain tensor under ``torch.func``)."""
+    xd = _plain(x2)
+    xd = xd.reshape(-1, max(1, math.prod(x2.shape[1:])))
     # amax / amin propagate NaN and keep +-Inf: two cheap reductions instead of a full boolean mask
     bad = ~(torch.isfinite(xd.amax(-1)) & torch.isfinite(xd.amin(-1)))
     if bool(bad.any()):
@@ -91,7 +104,7 @@ def _alpha_rows(alpha: Alpha, out_shape: Sequence[int], like: Tensor, name: str 
         raise DDNError(f"{name} of shape {tuple(a.shape)} does not broadcast to the output shape "
                        f"{tuple(out_shape)}") from exc
     a = a.reshape(-1, 1)
-    ad = a.detach()
+    ad = _plain(a)
     bad = ~(torch.isfinite(ad) & (ad > 0)).reshape(-1)
     if bool(bad.any()):
         raise DDNError(f"{name} must be finite and > 0; violated at (flattened) output elements "
@@ -322,21 +335,50 @@ def _solve_1d(pen: Penalty, x: Tensor, a: Tensor, exact_starts: int, max_starts:
 
 
 class _RobustPool1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, pen: Penalty, exact_starts: int, max_starts: int) -> Tensor:
-        with torch.no_grad():
-            y = _solve_1d(pen, x, a, exact_starts, max_starts)
-        ctx.pen = pen
-        ctx.save_for_backward(x, a, y)
-        return y
+    """``y = argmin_u sum_i phi(u - x_i; a)`` per row; implicit backward and forward-mode with the diagonal
+    operator ``H = sum_i phi''(y - x_i)``. The backward is differentiable (double backward) when grad mode is on."""
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def forward(x: Tensor, a: Tensor, pen: Penalty, exact_starts: int, max_starts: int) -> Tensor:
+        with torch.no_grad():
+            return _solve_1d(pen, x, a, exact_starts, max_starts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, a, pen, _, _ = inputs
+        ctx.pen = pen
+        ctx.save_for_backward(x, a, output)
+        ctx.save_for_forward(x, a, output)
+
+    @staticmethod
+    def vmap(info, in_dims, x, a, pen, exact_starts, max_starts):
+        return fold_vmap(_RobustPool1d.apply, info, in_dims, (x, a, pen, exact_starts, max_starts))
+
+    @staticmethod
+    def jvp(ctx, dx: Optional[Tensor], da: Optional[Tensor], *_):
+        # tangent of sum_i phi'(y - x_i) = 0:  H dy = sum_i phi''_i dx_i - sum_i dphi'_i/dalpha da
+        x, a, y = ctx.saved_tensors
+        pen = ctx.pen
+        z = y[:, None] - x
+        w = pen.d2phi(z, a)
+        H = w.sum(-1)
+        habs = H if pen.convex else w.abs().sum(-1)
+        nonreg = H <= torch.finfo(x.dtype).eps ** 0.5 * habs
+        rhs = torch.zeros_like(y)
+        if dx is not None:
+            rhs = rhs + (w * dx).sum(-1)
+        if da is not None:
+            rhs = rhs - pen.dphi_dalpha(z, a).sum(-1) * da[:, 0]
+        return torch.where(nonreg, torch.zeros_like(rhs), rhs / torch.where(nonreg, torch.ones_like(H), H))
+
+    @staticmethod
     def backward(ctx, gy: Tensor):
         x, a, y = ctx.saved_tensors
         pen = ctx.pen
-        B, n = x.shape
         need_x, need_a = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            return _RobustPool1d._backward_graph(pen, x, a, y, gy, need_x, need_a)
+        B, n = x.shape
         # One pass over x in cache-sized chunks: phi'' goes straight into the gradient's storage (scaled in place
         # below), with its row sums H and sum |phi''|; and the alpha derivative's row sums when needed.
         gx = torch.empty_like(x) if need_x else None
@@ -353,14 +395,7 @@ class _RobustPool1d(torch.autograd.Function):
                 gx[sl] = w
             if need_a:
                 dpa[sl] = pen.dphi_dalpha(z, a[sl]).sum(-1)
-        # H at rounding level of the curvature terms (a degenerate minimum): not regular
-        nonreg = H <= torch.finfo(x.dtype).eps ** 0.5 * Habs
-        if bool(nonreg.any()):
-            warnings.warn(
-                f"robust_pool ({pen.name}): the curvature sum H = sum_i phi''(y - x_i) vanishes at the solution, "
-                f"so the minimiser is not differentiable (non-isolated minimum or every point an outlier); "
-                f"returning the minimum-norm (zero) gradient at (flattened) output elements "
-                f"{element_list(nonreg)}", NonRegularWarning, stacklevel=2)
+        nonreg = _warn_nonreg_1d(pen, H, Habs, x.dtype)
         Hs = torch.where(nonreg, torch.ones_like(H), H)
         coef = torch.where(nonreg, torch.zeros_like(gy), gy / Hs)
         ga = None
@@ -370,6 +405,33 @@ class _RobustPool1d(torch.autograd.Function):
         if need_a:
             ga = (-coef * dpa)[:, None]
         return gx, ga, None, None, None
+
+    @staticmethod
+    def _backward_graph(pen: Penalty, x: Tensor, a: Tensor, y: Tensor, gy: Tensor, need_x: bool,
+                        need_a: bool):
+        """The same backward with out-of-place differentiable ops (``y`` is this Function's output, so a
+        second differentiation goes through it again): exact double backward, and safe under ``torch.func``."""
+        z = y[:, None] - x
+        w = pen.d2phi(z, a)
+        H = w.sum(-1)
+        habs = H if pen.convex else w.abs().sum(-1)
+        nonreg = _warn_nonreg_1d(pen, H.detach(), habs.detach(), x.dtype)
+        coef = torch.where(nonreg, torch.zeros_like(gy), gy / torch.where(nonreg, torch.ones_like(H), H))
+        gx = w * coef[:, None] if need_x else None
+        ga = (-coef * pen.dphi_dalpha(z, a).sum(-1))[:, None] if need_a else None
+        return gx, ga, None, None, None
+
+
+def _warn_nonreg_1d(pen: Penalty, H: Tensor, Habs: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows where ``H`` is at rounding level of the curvature terms (a degenerate minimum); warns about them."""
+    nonreg = H <= torch.finfo(dtype).eps ** 0.5 * Habs
+    if bool(nonreg.any()):
+        warnings.warn(
+            f"robust_pool ({pen.name}): the curvature sum H = sum_i phi''(y - x_i) vanishes at the solution, "
+            f"so the minimiser is not differentiable (non-isolated minimum or every point an outlier); "
+            f"returning the minimum-norm (zero) gradient at (flattened) output elements "
+            f"{element_list(nonreg)}", NonRegularWarning, stacklevel=3)
+    return nonreg
 
 
 def robust_pool(x: Tensor, penalty: Union[str, Penalty], alpha: Alpha = 1.0,
@@ -659,3 +721,6 @@ class RobustVectorPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"penalty={self.penalty.name!r}, dim={self.dim}"
+
+
+make_callable(__name__)  # torchddn.nodes.robust_pool is this module and calls robust_pool(...) (see nodes/_callable.py)
