@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.optimize as so
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from torchddn.diagnostics import DDNError
@@ -89,6 +89,11 @@ def _random_qp(seed: int, b: int, m: int, n_eq: int, n_ineq: int):
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), m=st.integers(2, 4), n_eq=st.integers(0, 1), n_ineq=st.integers(1, 4),
        name=st.sampled_from(["interior_point", "augmented_lagrangian"]))
+# regression: a small objective scale at the solution (|y| << 1 from a zero start) made the barrier's
+# complementarity floor exceed tol, and the active-set polish stopped without a step because its own measure
+# left out the complementarity |nu g| of the constraints it holds active
+@example(seed=1324, m=2, n_eq=1, n_ineq=3, name="interior_point")
+@example(seed=1324, m=2, n_eq=1, n_ineq=3, name="augmented_lagrangian")
 def test_random_convex_qp_matches_scipy(seed, m, n_eq, n_ineq, name):
     b = 2
     Q, c, A, beq, G, h = _random_qp(seed, b, m, n_eq, n_ineq)
@@ -98,7 +103,9 @@ def test_random_convex_qp_matches_scipy(seed, m, n_eq, n_ineq, name):
                    ineq=lambda u: torch.einsum("bqm,bm->bq", t["G"], u) - t["h"])
     res = get_solver(name)(prob, torch.zeros(b, m, dtype=torch.float64))
     assert res.converged.all(), res.residual
-    assert (res.residual <= 1e-9).all()
+    # the solvers' guarantee is relative to the problem's scale (gradient and multipliers at the data's size)
+    scale = 1.0 + np.abs(c).max() + np.abs(Q).max() * float(res.y.abs().max()) + np.abs(h).max()
+    assert (res.residual <= 1e-9 * scale).all(), (res.residual, scale)
     for i in range(b):
         cons = [{"type": "ineq", "fun": lambda u, i=i: h[i] - G[i] @ u, "jac": lambda u, i=i: -G[i]}]
         if n_eq:
@@ -127,3 +134,25 @@ def test_random_equality_qp_closed_form(seed, m, n_eq):
     np.testing.assert_allclose(res.y.numpy(), sol[:, :m], atol=1e-9 * max(1, np.abs(sol).max()))
     # Q y - c = -A^T w  =>  grad f = A^T nu with nu = -w
     np.testing.assert_allclose(res.nu.numpy(), -sol[:, m:], atol=1e-8 * max(1, np.abs(sol).max()))
+
+
+def test_active_set_polish_removes_complementarity_above_tol():
+    # at a point where the active inequality holds to -4e-11 (inside) with a multiplier of size 0.2 and an
+    # objective scale F = 0.03, stationarity and feasibility (|g| relative to the constraint scale C = 100, set by
+    # the inactive constraint at the start) meet tol but the complementarity |nu g| / F = 2.7e-10 does not: the
+    # polish must take its Newton step (the linear constraint then holds to rounding) rather than stop
+    from torchddn.solvers._common import kkt_measure, start_scales
+    from torchddn.solvers.sqp import active_set_polish
+    dt = torch.float64
+    prob = Problem(lambda u: 0.5 * (u * u).sum(1) - 0.3 * u[:, 0],
+                   ineq=lambda u: torch.stack([u[:, 0] - 0.1, u[:, 1] - 100.0], dim=1))
+    start = start_scales(prob, torch.zeros(1, 2, dtype=dt))
+    y = torch.tensor([[0.1 - 4e-11, 0.0]], dtype=dt)
+    nu = torch.tensor([[-(0.2 + 4e-11), 0.0]], dtype=dt)  # grad f = J^T nu exactly at y, nu <= 0
+    _, m_before = kkt_measure(prob, y, nu, start)
+    assert 1e-10 < m_before < 1e-9  # the point fails the test only through complementarity
+    active = torch.tensor([[True, False]])
+    y_p, nu_p, res_p, m_p = active_set_polish(prob, y, nu, active, 1e-10, start)
+    assert m_p <= 1e-10
+    torch.testing.assert_close(y_p, torch.tensor([[0.1, 0.0]], dtype=dt), atol=1e-15, rtol=0)
+    torch.testing.assert_close(nu_p, torch.tensor([[-0.2, 0.0]], dtype=dt), atol=1e-14, rtol=0)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
-                                      raise_if_infeasible, solve_kkt, start_scales)
+                                      objective_scale, raise_if_infeasible, solve_kkt, start_scales)
 from torchddn.solvers.base import Problem, SolverResult
 from torchddn.autodiff import batch_hessian, batch_jacobian, value_and_batch_grad
 from torchddn.solvers.sqp import active_set_polish
@@ -60,7 +60,8 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
     reduced (eliminating ``s`` and ``z``) to the per-element system
     ``[W + A_g^T (Z/S) A_g,  A_h^T; A_h, 0]`` with ``W`` the Hessian of ``f + lambda^T h + z^T g``
     (Levenberg-shifted where it is not positive definite). The barrier parameter follows the monotone rule
-    ``mu <- max(min(0.2 mu, mu^1.5), tol/10)`` once the barrier problem is solved to ``10 mu``. Steps obey the
+    ``mu <- max(min(0.2 mu, mu^1.5), tol F / 10)`` (``F <= 1`` the normalised objective scale of the stopping
+    rule, so that complementarity can meet it) once the barrier problem is solved to ``10 mu``. Steps obey the
     fraction-to-boundary rule ``tau = max(0.99, 1 - mu)`` (separately for ``s`` and ``z``) and a backtracking
     line search on the l1 barrier merit ``f - mu sum log s + rho (|h|_1 + |g + s|_1)``; ``z`` is kept in
     ``[mu / (1e10 s), 1e10 mu / s]``. Once the KKT residual is below ``max(1e-8, sqrt(eps))`` (or at the end),
@@ -149,7 +150,12 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
             # monotone barrier update: decrease mu once the barrier problem is solved to ~ kappa * mu
             _, _, _, _, E_mu = _residuals(problem, y, lam, z, s, mu, inf_norm=True)
             done_mu = run & (E_mu <= 10 * mu)
-            mu = torch.where(done_mu, torch.maximum(torch.minimum(0.2 * mu, mu ** 1.5), torch.full_like(mu, 0.1 * tol_e)), mu)
+            # the floor is tol/10 in units of the objective scale F (<= 1 in normalised units; small where the
+            # solution is much shorter than the start's length scale): complementarity s z ~ mu is measured as
+            # |z g| / F, so a floor of tol/10 in absolute units could keep it above tol
+            _, F_now = objective_scale(problem.objective(y), y, start)
+            F_now = torch.where(torch.isfinite(F_now), F_now, torch.ones_like(F_now)).clamp(eps, 1.0)
+            mu = torch.where(done_mu, torch.maximum(torch.minimum(0.2 * mu, mu ** 1.5), 0.1 * tol_e * F_now), mu)
             r_d, r_h, r_g, r_c, _ = _residuals(problem, y, lam, z, s, mu)
             lagrangian = _lagrangian(problem, lam.clone(), z.clone())
 

@@ -16,8 +16,8 @@ from torchddn.autodiff import batch_hessian, batch_jacobian, value_and_batch_gra
 
 
 def sqp_core(objective, cfun, y: Tensor, nu: Tensor, tol: float, max_iter: int, free: Optional[Tensor] = None,
-             active: Optional[Tensor] = None, c1: float = 1e-4, start: Optional[StartScales] = None
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             active: Optional[Tensor] = None, c1: float = 1e-4, start: Optional[StartScales] = None,
+             comp_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Newton-KKT iterations for ``min f s.t. c(y) = 0`` on the rows of ``c`` that are not ``free``.
 
     ``nu`` (b, k) are multipliers in the ``grad f = J^T nu`` convention (zero on free rows). Steps are damped
@@ -25,7 +25,10 @@ def sqp_core(objective, cfun, y: Tensor, nu: Tensor, tol: float, max_iter: int, 
     Returns ``(y, nu, converged, iterations, kkt)`` where ``kkt = max(|grad f - J^T nu|, |c|)`` on the
     constrained rows and convergence means that the scale-free
     :func:`~torchddn.solvers._common.scaled_kkt` measure of those rows against ``start`` (default: the scales
-    at the entry ``y``) is ``<= tol``.
+    at the entry ``y``) is ``<= tol``. ``comp_rows`` (b, k) bool marks constrained rows that are inequalities
+    held active (the active-set polish): their complementarity ``|nu_i c_i|`` (relative to the objective scale)
+    also enters the measure, so that the iteration does not stop at a point the full KKT measure of
+    :func:`~torchddn.solvers._common.kkt_measure` rejects (a small ``|c_i|`` with a large ``|nu_i|``).
     """
     b, m = y.shape
     y = y.clone()
@@ -59,7 +62,10 @@ def sqp_core(objective, cfun, y: Tensor, nu: Tensor, tol: float, max_iter: int, 
         kkt_now = torch.maximum(stat, feas)
         kkt_now = torch.where(torch.isnan(kkt_now), torch.full_like(kkt_now, float("inf")), kkt_now)
         kkt = torch.where(active & ~conv & ~failed, kkt_now, kkt)
-        meas = scaled_kkt(f, gf - torch.einsum("bkm,bk->bm", A, nu), y, A, feas, None, None, start)
+        comp = None
+        if comp_rows is not None and k:
+            comp = (nu * cv * comp_rows.to(cv.dtype)).abs().amax(dim=1)
+        meas = scaled_kkt(f, gf - torch.einsum("bkm,bk->bm", A, nu), y, A, feas, comp, None, start)
         conv = conv | (active & torch.isfinite(kkt_now) & (meas <= tol))
         failed = failed | (active & ~conv & ~torch.isfinite(kkt_now))
         run = active & ~conv & ~failed
@@ -129,8 +135,9 @@ def active_set_polish(problem: Problem, y: Tensor, nu: Tensor, active_ineq: Tens
     res0, m0 = kkt_measure(problem, y, nu, start)
     p = nu.shape[1] - active_ineq.shape[1]
     free = torch.cat([torch.zeros(b, p, dtype=torch.bool, device=y.device), ~active_ineq], dim=1)
+    comp_rows = torch.cat([torch.zeros(b, p, dtype=torch.bool, device=y.device), active_ineq], dim=1)
     y_p, nu_p, _, _, _ = sqp_core(problem.objective, cfun, y, nu * (~free).to(nu.dtype), tol, steps, free=free,
-                                  start=start)
+                                  start=start, comp_rows=comp_rows)
     res_p, m_p = kkt_measure(problem, y_p, nu_p, start)
     better = m_p < m0
     y = torch.where(better[:, None], y_p, y)
