@@ -551,3 +551,18 @@ def raise_if_infeasible(problem: Problem, y: Tensor, converged: Tensor, tol: flo
         raise InfeasibleError(f"the constraints cannot be satisfied at batch elements {element_list(bad)}: the "
                               f"constraint violation has a stationary point with a positive violation (a "
                               f"minimiser of 1/2 |h|^2 + 1/2 |g_+|^2 that is not feasible)")
+
+
+def finish_normalised(nz, user_problem: Problem, user_start, norm_problem: Problem, u: Tensor, nu_u: Tensor,
+                      u0: Tensor, tol_e: float, on_infeasible: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The common end of the constrained solvers, which run in normalised units: a diverged element hands back its
+    start (never NaN); ``(u, nu_u)`` are mapped back to the user's units and judged there by :func:`kkt_measure`;
+    infeasibility is raised per ``on_infeasible``. Returns ``(y, nu, residual, converged)``."""
+    fin = torch.isfinite(u).all(dim=1) & torch.isfinite(nu_u).all(dim=1)
+    u = torch.where(fin[:, None], u, u0)
+    nu_u = torch.where(fin[:, None], nu_u, torch.zeros_like(nu_u))
+    y, nu = nz.to_y(u), nz.nu_to_y(nu_u)
+    res, meas = kkt_measure(user_problem, y, nu, user_start)
+    conv = meas <= tol_e
+    raise_if_infeasible(norm_problem, u, conv, tol_e, on_infeasible, y0=u0)
+    return y, nu, res, conv

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
-                                      raise_if_infeasible, start_scales, violation)
+from torchddn.solvers._common import (finish_normalised, check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
+                                      start_scales, violation)
 from torchddn.solvers.base import Problem, SolverResult
 from torchddn.solvers.newton import newton
 from torchddn.solvers.sqp import active_set_polish
@@ -125,13 +125,6 @@ def augmented_lagrangian(problem: Problem, y0: Tensor, *, tol: float = 1e-10, ma
             else:
                 active = torch.zeros(b, 0, dtype=torch.bool, device=y.device)
             y, nu, _, _ = active_set_polish(problem, y, nu, active, tol_e, start)
-        # a diverged element hands back its start, never NaN
-        fin = torch.isfinite(y).all(dim=1) & torch.isfinite(nu).all(dim=1)
-        u = torch.where(fin[:, None], y, u0)
-        nu = torch.where(fin[:, None], nu, torch.zeros_like(nu))
-        y, nu = nz.to_y(u), nz.nu_to_y(nu)
-        res, meas = kkt_measure(problem_y, y, nu, start_y)
-        conv = meas <= tol_e
-        raise_if_infeasible(problem, u, conv, tol_e, on_infeasible, y0=u0)
+        y, nu, res, conv = finish_normalised(nz, problem_y, start_y, problem, y, nu, u0, tol_e, on_infeasible)
     return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res,
                         method="augmented_lagrangian")

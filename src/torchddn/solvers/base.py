@@ -8,9 +8,8 @@ sum is the stack of per-element gradients, and one Hessian-vector product serves
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
 from torch import Tensor
 
 from torchddn.autodiff import (BatchFn, batch_grad, batch_hessian, batch_hvp,  # noqa: F401  (re-exported)

@@ -6,8 +6,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from torchddn.solvers._common import (check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
-                                      objective_scale, raise_if_infeasible, solve_kkt, start_scales)
+from torchddn.solvers._common import (finish_normalised, check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
+                                      objective_scale, solve_kkt, start_scales)
 from torchddn.solvers.base import Problem, SolverResult
 from torchddn.autodiff import batch_hessian, batch_jacobian, value_and_batch_grad
 from torchddn.solvers.sqp import active_set_polish
@@ -224,12 +224,5 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
             y_p, nu_p, _, _ = active_set_polish(problem, y, nu, active, tol_e, start)
             y = torch.where(conv[:, None], y, y_p)
             nu = torch.where(conv[:, None], nu, nu_p)
-        # a diverged element hands back its start, never NaN
-        fin = torch.isfinite(y).all(dim=1) & torch.isfinite(nu).all(dim=1)
-        u = torch.where(fin[:, None], y, u0)
-        nu = torch.where(fin[:, None], nu, torch.zeros_like(nu))
-        y, nu = nz.to_y(u), nz.nu_to_y(nu)
-        res, meas = kkt_measure(problem_y, y, nu, start_y)
-        conv = meas <= tol_e
-        raise_if_infeasible(problem, u, conv, tol_e, on_infeasible, y0=u0)
+        y, nu, res, conv = finish_normalised(nz, problem_y, start_y, problem, y, nu, u0, tol_e, on_infeasible)
     return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res, method="interior_point")

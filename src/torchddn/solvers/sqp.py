@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from torchddn.diagnostics import DDNError
-from torchddn.solvers._common import (StartScales, armijo, check_inputs, constraints_fn, effective_tol,
-                                      kkt_measure, normalise, raise_if_infeasible, scaled_kkt, solve_kkt,
+from torchddn.solvers._common import (finish_normalised, StartScales, armijo, check_inputs, constraints_fn, effective_tol,
+                                      kkt_measure, normalise, scaled_kkt, solve_kkt,
                                       start_scales)
 from torchddn.solvers.base import Problem, SolverResult
 from torchddn.autodiff import batch_hessian, batch_jacobian, value_and_batch_grad
@@ -201,11 +201,5 @@ def sqp(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter: int = 100
         u, nu_u, conv, iters, _ = sqp_core(sp.objective, constraints_fn(sp), u, nu_u, tol_e, int(max_iter),
                                            c1=c1, start=start_scales(sp, nz.to_u(y)))
         u0 = nz.to_u(y)
-        fin = torch.isfinite(u).all(dim=1) & torch.isfinite(nu_u).all(dim=1)
-        u = torch.where(fin[:, None], u, u0)
-        nu_u = torch.where(fin[:, None], nu_u, torch.zeros_like(nu_u))
-        y, nu = nz.to_y(u), nz.nu_to_y(nu_u)
-        res, meas = kkt_measure(problem, y, nu, start)
-        conv = meas <= tol_e
-        raise_if_infeasible(sp, u, conv, tol_e, on_infeasible, y0=u0)
+        y, nu, res, conv = finish_normalised(nz, problem, start, sp, u, nu_u, u0, tol_e, on_infeasible)
     return SolverResult(y=y, nu=nu, converged=conv, iterations=iters, residual=res, method="sqp")
