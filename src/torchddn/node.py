@@ -6,6 +6,7 @@ migrates by changing the import.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from torchddn import linalg
 from torchddn.backward import BackwardRule, Implicit, JacobianFree, Phantom, Truncated, Unrolled, as_backward
-from torchddn.diagnostics import ConvergenceWarning, DDNError, Diagnostics, element_list, report
+from torchddn.diagnostics import ConvergenceWarning, DDNError, DDNWarning, Diagnostics, element_list, report
 from torchddn.implicit import (AttachImplicit, BoundProblem, ConstraintState, ImplicitCache, ImplicitSolve,
                                KKTRule, constraint_state, implicit_vjp, is_live, kkt_residual_live, shared_positions,
                                warn_nonregular)
@@ -456,9 +457,9 @@ class DeclarativeNode:
         (parameters and buffers of a node that is an ``nn.Module``, tensors captured by its methods, shared
         inputs): see :class:`~torchddn.implicit.ImplicitRule`. Returns ``y`` unchanged when there are none that
         require grad. Cost: one evaluation of ``grad_y L`` (and the constraints) at the solution in the forward;
-        in the backward, the KKT solve is shared with the batched inputs' one."""
-        if type(self).gradient is not DeclarativeNode.gradient:
-            return y
+        in the backward, the KKT solve is shared with the batched inputs' one. A node that overrides
+        :meth:`gradient` (for its positional inputs) still gets this rule for the other tensors, from its objective;
+        one without an objective cannot, and warns when such tensors require grad."""
         b = y.shape[0]
         ystar = y.detach()
         yf = ystar.reshape(b, -1)
@@ -466,7 +467,14 @@ class DeclarativeNode:
         bp = self._bind(xs, ystar, hess_mode)
         tensors = [xs[i].detach() for i in bp.tensor_pos]
         with torch.enable_grad():
-            live = is_live(bp.f(tensors, yf))
+            try:
+                live = is_live(bp.f(tensors, yf))
+            except NotImplementedError:
+                if any(is_live(xs[i]) for i in self._shared_positions(xs)):
+                    warnings.warn(f"{type(self).__name__} defines no objective, so its shared inputs get no "
+                                  f"gradient from gradient(); give them the batch dimension", DDNWarning,
+                                  stacklevel=4)
+                return y
             if not live and bp.num_constraints:
                 live = is_live(bp.c(tensors, yf))
         if not live:

@@ -392,3 +392,33 @@ def test_no_live_tensors_costs_no_attached_term():
     x = weights(2, 5).requires_grad_(True)
     y = layer(x)
     assert "Attach" not in type(y.grad_fn).__name__ and "Add" not in type(y.grad_fn).__name__
+
+
+def test_node_with_its_own_gradient_still_gives_parameters_their_gradient():
+    """A closed-form gradient() covers the positional inputs; the node's parameter gets the implicit rule."""
+
+    class ScaledMean(ddn.DeclarativeNode, nn.Module):
+        """min_y 1/2 s |y - mean x|^2 + 1/2 |y|^2 with a learned s: y = s mean(x) / (s + 1)."""
+
+        def __init__(self):
+            ddn.DeclarativeNode.__init__(self)
+            nn.Module.__init__(self)
+            self.s = nn.Parameter(torch.tensor(2.0, dtype=DT))
+
+        def objective(self, x, y):
+            return 0.5 * self.s * ((y - x.mean(-1, keepdim=True)) ** 2).sum(-1) + 0.5 * (y ** 2).sum(-1)
+
+        def solve(self, x):
+            s = self.s.detach()
+            return s * x.mean(-1, keepdim=True) / (s + 1), None
+
+        def gradient(self, x, y=None, v=None, ctx=None):
+            s = self.s.detach()
+            return (v * s / (s + 1) / x.shape[-1]).expand_as(x),
+
+    node = ScaledMean()
+    x = weights(3, 5, seed=30).requires_grad_(True)
+    y = ddn.DeclarativeLayer(node)(x)
+    y.sum().backward()
+    assert torch.allclose(node.s.grad, (x.detach().mean(-1) / 9.0).sum(), atol=1e-10)  # d/ds s m/(s+1) = m/(s+1)^2
+    assert torch.allclose(x.grad, torch.full_like(x, 2.0 / 3.0 / 5.0), atol=1e-12)
