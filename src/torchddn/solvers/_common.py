@@ -566,3 +566,13 @@ def finish_normalised(nz, user_problem: Problem, user_start, norm_problem: Probl
     conv = meas <= tol_e
     raise_if_infeasible(norm_problem, u, conv, tol_e, on_infeasible, y0=u0)
     return y, nu, res, conv
+
+
+def enter_normalised(problem: Problem, y: Tensor):
+    """The common start of the constrained solvers that run in normalised units: returns ``(nz, user_start,
+    norm_problem, u, start)`` -- the :func:`normalise` map, the start scales in the user's units, the normalised
+    problem, the normalised start ``u`` and its start scales (so the solvers' constants are scale free)."""
+    user_start = start_scales(problem, y)
+    nz = normalise(problem, y, user_start)
+    u = nz.to_u(y)
+    return nz, user_start, nz.problem, u, start_scales(nz.problem, u)

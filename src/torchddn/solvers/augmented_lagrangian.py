@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchddn.solvers._common import (finish_normalised, check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
-                                      start_scales, violation)
+from torchddn.solvers._common import (enter_normalised, finish_normalised, check_inputs, constraint_values,
+                                      effective_tol, kkt_measure, violation)
 from torchddn.solvers.base import Problem, SolverResult
 from torchddn.solvers.newton import newton
 from torchddn.solvers.sqp import active_set_polish
@@ -56,12 +56,9 @@ def augmented_lagrangian(problem: Problem, y0: Tensor, *, tol: float = 1e-10, ma
     b, m = y.shape
     with torch.no_grad():
         # run in normalised units (rho0, rho_max and the polish thresholds are then scale free)
-        start_y = start_scales(problem, y)
-        nz = normalise(problem, y, start_y)
-        problem_y, problem = problem, nz.problem
-        y = nz.to_u(y)
+        problem_y = problem
+        nz, start_y, problem, y, start = enter_normalised(problem_y, y)
         u0 = y.clone()
-        start = start_scales(problem, y)
         h0, g0 = constraint_values(problem, y)
         p = 0 if h0 is None else h0.shape[1]
         q = 0 if g0 is None else g0.shape[1]

@@ -6,8 +6,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from torchddn.solvers._common import (finish_normalised, check_inputs, constraint_values, effective_tol, kkt_measure, normalise,
-                                      objective_scale, solve_kkt, start_scales)
+from torchddn.solvers._common import (enter_normalised, finish_normalised, check_inputs, constraint_values,
+                                      effective_tol, kkt_measure, objective_scale, solve_kkt)
 from torchddn.solvers.base import Problem, SolverResult
 from torchddn.autodiff import batch_hessian, batch_jacobian, value_and_batch_grad
 from torchddn.solvers.sqp import active_set_polish
@@ -105,12 +105,9 @@ def interior_point(problem: Problem, y0: Tensor, *, tol: float = 1e-10, max_iter
     eps = torch.finfo(y.dtype).eps
     with torch.no_grad():
         # run in normalised units (scale-free constants), report in the user's
-        start_y = start_scales(problem, y)
-        nz = normalise(problem, y, start_y)
-        problem_y, problem = problem, nz.problem
-        y = nz.to_u(y)
+        problem_y = problem
+        nz, start_y, problem, y, start = enter_normalised(problem_y, y)
         u0 = y.clone()
-        start = start_scales(problem, y)
         h0, g0 = constraint_values(problem, y)
         p = 0 if h0 is None else h0.shape[1]
         g0 = torch.where(torch.isfinite(g0), g0, torch.zeros_like(g0))
